@@ -1,0 +1,401 @@
+"""Typed, frozen recipe dataclasses read from YAML with dotted command-line overrides.
+
+A recipe is checked completely before any work starts: an unknown key, a wrong type or an invalid value
+raises `RecipeError` naming the dotted key, the value and the reason.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+
+
+class RecipeError(ValueError):
+    """A recipe key, type or value is invalid; the message names the dotted key."""
+
+
+@dataclass(frozen=True)
+class ModelCfg:
+    """Which dual encoder to build.
+
+    Attributes:
+        name: an open_clip architecture (`clipkit models` lists them), e.g. "ViT-B-32". Exactly one of
+            `name` and `config` is set.
+        config: a custom open_clip model config: {"embed_dim", "vision_cfg", "text_cfg"}; a timm image tower
+            (`vision_cfg.timm_model_name`) or an HF text tower (`text_cfg.hf_model_name`) is a config too.
+        pretrained: path to an open_clip checkpoint file to start from (no hub downloads).
+        image_size: override of the vision tower's input size.
+        context_length: override of the text tower's context length.
+    """
+
+    name: str | None = None
+    config: dict | None = None
+    pretrained: str | None = None
+    image_size: int | None = None
+    context_length: int | None = None
+
+
+@dataclass(frozen=True)
+class SourceCfg:
+    """One shard set mixed into training.
+
+    Attributes:
+        shards: shard spec relative to `data_root` (brace expansion, globs, `::`-separated lists).
+        weight: share of samples drawn from this source, relative to the other sources.
+    """
+
+    shards: str
+    weight: float = 1.0
+
+
+@dataclass(frozen=True)
+class DataCfg:
+    """The training stream.
+
+    Attributes:
+        sources: shard sets to mix, each with a weight.
+        batch_size: samples per process per optimizer micro-step.
+        workers: DataLoader worker processes per training process (0 = load in the main process).
+        shuffle_buffer: samples held per worker for within-shard shuffling.
+        caption: which caption line of a sample to train on: a random one, or always the first.
+        prefetch_factor: batches prefetched per worker.
+    """
+
+    sources: tuple[SourceCfg, ...] = ()
+    batch_size: int = 64
+    workers: int = 1
+    shuffle_buffer: int = 1000
+    caption: Literal["random", "first"] = "random"
+    prefetch_factor: int = 2
+
+
+@dataclass(frozen=True)
+class TrainCfg:
+    """Optimization and loop settings.
+
+    Attributes:
+        steps: optimizer steps to run.
+        lr: peak learning rate (AdamW), reached after `warmup` steps, then cosine to `min_lr`.
+        min_lr: final learning rate of the cosine schedule.
+        warmup: linear warmup steps.
+        weight_decay: applied to weight matrices only, never to gains, biases, embeddings' logit_scale.
+        betas: AdamW betas.
+        eps: AdamW epsilon.
+        grad_clip: max global grad norm (0 = off).
+        precision: "fp32", or "bf16" autocast (on GPU; on CPU bf16 matmuls are slow on AVX2 machines).
+        loss: "clip" (symmetric InfoNCE) or "siglip" (sigmoid).
+        local_loss: each process computes its rows against all columns (True), or the full global matrix.
+        gather_with_grad: all-gather features with autograd (exact gradients). Only False to reproduce
+            open_clip's default, which under-weights encoder gradients by the world size.
+        accum_freq: micro-batches per optimizer step with cached features (GradCache), giving the gradient
+            of one accum_freq-times larger batch.
+        log_every: steps between metric log lines.
+        checkpoint_every: steps between checkpoints (0 = only at the end).
+        wandb: log to Weights & Biases (offline unless WANDB_MODE says otherwise).
+    """
+
+    steps: int = 1000
+    lr: float = 5e-4
+    min_lr: float = 0.0
+    warmup: int = 100
+    weight_decay: float = 0.2
+    betas: tuple[float, float] = (0.9, 0.98)
+    eps: float = 1e-6
+    grad_clip: float = 1.0
+    precision: Literal["fp32", "bf16"] = "fp32"
+    loss: Literal["clip", "siglip"] = "clip"
+    local_loss: bool = True
+    gather_with_grad: bool = True
+    accum_freq: int = 1
+    log_every: int = 10
+    checkpoint_every: int = 0
+    wandb: bool = False
+
+
+@dataclass(frozen=True)
+class EvalTaskCfg:
+    """One evaluation run at the end of training (and every `EvalCfg.every` steps).
+
+    Attributes:
+        task: "zeroshot" (classification from class names x templates) or "retrieval" (image<->text R@k).
+        dataset: a name for the results file `<run>/eval/<task>-<dataset>.json`.
+        shards: shard spec relative to `data_root`.
+        classnames: file of class names, one per line in label order (zeroshot), relative to `data_root`.
+        templates: file of prompt templates with `{c}`, one per line (zeroshot; default: open_clip's simple
+            ImageNet templates), relative to `data_root`.
+    """
+
+    task: Literal["zeroshot", "retrieval"]
+    dataset: str
+    shards: str
+    classnames: str | None = None
+    templates: str | None = None
+
+
+@dataclass(frozen=True)
+class EvalCfg:
+    """Evaluations run during and after training.
+
+    Attributes:
+        tasks: the evaluations.
+        every: steps between evaluations during training (0 = only at the end).
+        batch_size: batch size for embedding.
+    """
+
+    tasks: tuple[EvalTaskCfg, ...] = ()
+    every: int = 0
+    batch_size: int = 256
+
+
+@dataclass(frozen=True)
+class IndexCfg:
+    """A FAISS index built at the end of training from a shard set's embeddings.
+
+    Attributes:
+        shards: shard spec relative to `data_root` (empty: no index).
+        factory: FAISS index factory string (default: chosen from the vector count).
+    """
+
+    shards: str = ""
+    factory: str | None = None
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """A whole training recipe: only what differs from these defaults goes in a YAML file."""
+
+    name: str = "run"
+    seed: int = 0
+    data_root: str = "data"
+    model: ModelCfg = field(default_factory=ModelCfg)
+    data: DataCfg = field(default_factory=DataCfg)
+    train: TrainCfg = field(default_factory=TrainCfg)
+    eval: EvalCfg = field(default_factory=EvalCfg)
+    index: IndexCfg = field(default_factory=IndexCfg)
+
+    def path(self, relative: str) -> str:
+        """Resolves a data path or shard spec against `data_root` (absolute parts are kept)."""
+        parts = [p if Path(p).is_absolute() else str(Path(self.data_root) / p) for p in relative.split("::")]
+        return "::".join(parts)
+
+
+# ----------------------------------------------------------------------------------------------- parsing
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _convert(value: Any, tp: Any, key: str) -> Any:
+    """Checks `value` against the annotation `tp` and converts YAML shapes (lists -> tuples, dicts -> dataclasses)."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        errors = []
+        for a in inner:
+            try:
+                return _convert(value, a, key)
+            except RecipeError as e:
+                errors.append(str(e))
+        raise RecipeError(errors[0] if len(errors) == 1 else f"{key}: {value!r} matches none of {inner}")
+    if origin is Literal:
+        if value not in args:
+            raise RecipeError(f"{key}: {value!r} is not one of {list(args)}")
+        return value
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise RecipeError(f"{key}: expected a mapping for {tp.__name__}, got {value!r}")
+        return from_dict(tp, value, prefix=f"{key}.")
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise RecipeError(f"{key}: expected a list, got {value!r}")
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_convert(v, args[0], f"{key}.{i}") for i, v in enumerate(value))
+        if len(value) != len(args):
+            raise RecipeError(f"{key}: expected {len(args)} items, got {len(value)}")
+        return tuple(_convert(v, a, f"{key}.{i}") for i, (v, a) in enumerate(zip(value, args, strict=True)))
+    if tp is dict:
+        if not isinstance(value, dict):
+            raise RecipeError(f"{key}: expected a mapping, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, str):  # PyYAML (YAML 1.1) reads `1e-4`, without a dot, as a string
+            try:
+                value = float(value)
+            except ValueError:
+                raise RecipeError(f"{key}: expected a number, got {value!r}") from None
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise RecipeError(f"{key}: expected a number, got {value!r}")
+        if not math.isfinite(value):
+            raise RecipeError(f"{key}: {value!r} is not finite")
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise RecipeError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise RecipeError(f"{key}: expected true or false, got {value!r}")
+        return value
+    if tp is str:
+        if not isinstance(value, str):
+            raise RecipeError(f"{key}: expected a string, got {value!r}")
+        return value
+    raise RecipeError(f"{key}: unsupported type {_type_name(tp)}")  # a bug in a dataclass, not in the recipe
+
+
+def from_dict(cls: type, data: dict, prefix: str = "") -> Any:
+    """Builds dataclass `cls` from a plain mapping; unknown keys and wrong types raise RecipeError."""
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise RecipeError(
+            f"{prefix}{unknown[0]}: unknown key (known keys of {prefix or 'the recipe'}: {sorted(names)})"
+        )
+    kwargs = {k: _convert(v, hints[k], f"{prefix}{k}") for k, v in data.items()}
+    try:
+        return cls(**kwargs)
+    except TypeError as e:  # a required field is missing
+        raise RecipeError(f"{prefix.rstrip('.') or 'recipe'}: {e}") from None
+
+
+def to_dict(recipe: Any) -> dict:
+    """Plain-data form of a recipe (tuples become lists), ready for YAML or JSON."""
+
+    def plain(v: Any) -> Any:
+        if dataclasses.is_dataclass(v):
+            return {f.name: plain(getattr(v, f.name)) for f in dataclasses.fields(v)}
+        if isinstance(v, (list, tuple)):
+            return [plain(x) for x in v]
+        if isinstance(v, dict):
+            return {k: plain(x) for k, x in v.items()}
+        return v
+
+    return plain(recipe)
+
+
+def apply_override(data: dict, override: str) -> None:
+    """Applies one `dotted.key=value` override in place; the value is parsed as YAML (numbers, lists, null).
+
+    List items are addressed by index (`data.sources.0.weight=2`). Intermediate mappings are created so that
+    the unknown-key check of `from_dict` names a misspelled key.
+    """
+    if "=" not in override:
+        raise RecipeError(f"override {override!r}: expected dotted.key=value")
+    dotted, raw = override.split("=", 1)
+    value = yaml.safe_load(raw) if raw.strip() else ""
+    keys = dotted.strip().split(".")
+    node: Any = data
+    for i, k in enumerate(keys[:-1]):
+        where = ".".join(keys[: i + 1])
+        if isinstance(node, list):
+            if not k.isdigit() or int(k) >= len(node):
+                raise RecipeError(f"{where}: no list item {k} (the list has {len(node)} items)")
+            node = node[int(k)]
+        else:
+            node = node.setdefault(k, {})
+            if not isinstance(node, (dict, list)):
+                raise RecipeError(f"{where}: is a value, not a section")
+    last = keys[-1]
+    if isinstance(node, list):
+        if not last.isdigit() or int(last) >= len(node):
+            raise RecipeError(f"{dotted}: no list item {last}")
+        node[int(last)] = value
+    else:
+        node[last] = value
+
+
+def load_recipe(path: str | Path | None, overrides: list[str] = ()) -> Recipe:
+    """Reads a YAML recipe, applies dotted overrides, and returns the validated, frozen Recipe.
+
+    Args:
+        path: the YAML file (None: defaults only).
+        overrides: `dotted.key=value` strings, applied in order.
+
+    Raises:
+        RecipeError: naming the key, value and reason, for any invalid recipe.
+    """
+    data: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise RecipeError(f"recipe {path}: file not found")
+        data = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(data, dict):
+            raise RecipeError(f"recipe {path}: the top level must be a mapping")
+    for o in overrides:
+        apply_override(data, o)
+    recipe = from_dict(Recipe, data)
+    validate(recipe)
+    return recipe
+
+
+def validate(r: Recipe) -> None:
+    """Value checks that types alone cannot express; each names the key, the value and the reason."""
+
+    def need(ok: bool, key: str, value: Any, why: str) -> None:
+        if not ok:
+            raise RecipeError(f"{key}: {value!r} {why}")
+
+    m = r.model
+    need(
+        (m.name is None) != (m.config is None),
+        "model",
+        {"name": m.name, "config": m.config and "..."},
+        "needs exactly one of model.name (an open_clip architecture) and model.config",
+    )
+    if m.config is not None:
+        for k in ("embed_dim", "vision_cfg", "text_cfg"):
+            need(k in m.config, f"model.config.{k}", None, "is required in a custom model config")
+    need(m.image_size is None or m.image_size > 0, "model.image_size", m.image_size, "must be positive")
+    need(m.context_length is None or m.context_length > 1, "model.context_length", m.context_length, "must be > 1")
+
+    d = r.data
+    need(len(d.sources) > 0, "data.sources", list(d.sources), "must name at least one shard set")
+    for i, s in enumerate(d.sources):
+        need(s.weight > 0, f"data.sources.{i}.weight", s.weight, "must be positive")
+        need(bool(s.shards.strip()), f"data.sources.{i}.shards", s.shards, "must not be empty")
+    need(d.batch_size >= 1, "data.batch_size", d.batch_size, "must be >= 1")
+    need(d.workers >= 0, "data.workers", d.workers, "must be >= 0")
+    need(d.shuffle_buffer >= 0, "data.shuffle_buffer", d.shuffle_buffer, "must be >= 0")
+    need(d.prefetch_factor >= 1, "data.prefetch_factor", d.prefetch_factor, "must be >= 1")
+
+    t = r.train
+    need(t.steps >= 1, "train.steps", t.steps, "must be >= 1")
+    need(t.lr > 0, "train.lr", t.lr, "must be positive")
+    need(0 <= t.min_lr <= t.lr, "train.min_lr", t.min_lr, f"must be in [0, train.lr={t.lr}]")
+    need(0 <= t.warmup < t.steps, "train.warmup", t.warmup, f"must be in [0, train.steps={t.steps})")
+    need(t.weight_decay >= 0, "train.weight_decay", t.weight_decay, "must be >= 0")
+    need(all(0 <= b < 1 for b in t.betas), "train.betas", list(t.betas), "must each be in [0, 1)")
+    need(t.eps > 0, "train.eps", t.eps, "must be positive")
+    need(t.grad_clip >= 0, "train.grad_clip", t.grad_clip, "must be >= 0 (0 = off)")
+    need(t.accum_freq >= 1, "train.accum_freq", t.accum_freq, "must be >= 1")
+    need(t.log_every >= 1, "train.log_every", t.log_every, "must be >= 1")
+    need(t.checkpoint_every >= 0, "train.checkpoint_every", t.checkpoint_every, "must be >= 0")
+
+    e = r.eval
+    need(e.every >= 0, "eval.every", e.every, "must be >= 0")
+    need(e.batch_size >= 1, "eval.batch_size", e.batch_size, "must be >= 1")
+    seen = set()
+    for i, task in enumerate(e.tasks):
+        out = (task.task, task.dataset)
+        need(out not in seen, f"eval.tasks.{i}", f"{task.task}-{task.dataset}", "duplicates an earlier task's output")
+        seen.add(out)
+        if task.task == "zeroshot":
+            need(task.classnames is not None, f"eval.tasks.{i}.classnames", None, "is required for a zeroshot task")
+
+
+def save_recipe(recipe: Recipe, path: Path) -> None:
+    """Writes the resolved recipe (every field, defaults included) as YAML."""
+    path.write_text(yaml.safe_dump(to_dict(recipe), sort_keys=False))

@@ -1,0 +1,126 @@
+"""Builds dual encoders through open_clip: named architectures or custom configs (timm / HF towers included).
+
+clipkit writes no tower of its own: open_clip's `CLIP` / `CustomTextCLIP` classes hold the towers, and its
+transforms and tokenizers preprocess. What is here is the glue: resolving a recipe's `ModelCfg` into one
+open_clip model config dict, which is also what is saved beside the weights (`open_clip_config.json`), so a
+saved model folder loads in open_clip as `local-dir:` unchanged.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import open_clip
+import torch
+from open_clip.transform import PreprocessCfg, merge_preprocess_dict
+
+from clipkit.config import ModelCfg, RecipeError
+
+
+@dataclass
+class ModelBundle:
+    """A model with everything needed to feed it.
+
+    Attributes:
+        model: the open_clip dual encoder (`encode_image`, `encode_text`, `logit_scale`, maybe `logit_bias`).
+        train_transform: PIL image -> [3, H, W] float tensor, with training augmentation.
+        eval_transform: PIL image -> [3, H, W] float tensor, deterministic.
+        tokenizer: list of strings -> [B, context_length] int64 token ids.
+        config: {"model_cfg": ..., "preprocess_cfg": ...}: the open_clip_config.json content.
+    """
+
+    model: torch.nn.Module
+    train_transform: Callable
+    eval_transform: Callable
+    tokenizer: Callable
+    config: dict
+
+
+def resolve_config(cfg: ModelCfg) -> dict:
+    """Turns a recipe's ModelCfg into an open_clip_config.json dict {"model_cfg", "preprocess_cfg"}.
+
+    Raises:
+        RecipeError: for an architecture open_clip does not know.
+    """
+    if cfg.name is not None:
+        model_cfg = open_clip.get_model_config(cfg.name.replace("/", "-"))
+        if model_cfg is None:
+            raise RecipeError(f"model.name: {cfg.name!r} is not an open_clip architecture (see `clipkit models`)")
+        model_cfg = copy.deepcopy(model_cfg)
+    else:
+        model_cfg = copy.deepcopy(dict(cfg.config))
+    preprocess = model_cfg.pop("preprocess_cfg", {})
+    if cfg.image_size is not None:
+        model_cfg["vision_cfg"]["image_size"] = cfg.image_size
+    if cfg.context_length is not None:
+        model_cfg["text_cfg"]["context_length"] = cfg.context_length
+    size = model_cfg["vision_cfg"].get("image_size", 224)
+    preprocess_cfg = merge_preprocess_dict(PreprocessCfg(size=size), preprocess)
+    return {"model_cfg": model_cfg, "preprocess_cfg": preprocess_cfg}
+
+
+def build_model(model_cfg: dict, load_tower_weights: bool = True) -> torch.nn.Module:
+    """Instantiates an open_clip model from its config dict, as `open_clip.create_model` would.
+
+    Args:
+        model_cfg: {"embed_dim", "vision_cfg", "text_cfg", ...}.
+        load_tower_weights: load an HF text tower's pretrained weights from its (local) folder, as in LiT.
+            False when full weights follow from a checkpoint. timm towers never download weights here.
+    """
+    cfg = copy.deepcopy(model_cfg)
+    if "timm_model_name" in cfg["vision_cfg"]:
+        cfg["vision_cfg"]["timm_model_pretrained"] = False
+    is_hf_text = "hf_model_name" in cfg["text_cfg"]
+    if is_hf_text:
+        cfg["text_cfg"]["hf_model_pretrained"] = load_tower_weights
+    custom_text = cfg.pop("custom_text", False) or is_hf_text
+    cls = open_clip.CustomTextCLIP if custom_text else open_clip.CLIP
+    if "multimodal_cfg" in cfg:
+        raise RecipeError("model: CoCa-style configs (multimodal_cfg) are not supported for contrastive training")
+    return cls(**cfg)
+
+
+def build_tokenizer(model_cfg: dict) -> Callable[[list[str]], torch.Tensor]:
+    """open_clip's tokenizer for a model config: HF tokenizer for HF text towers, else CLIP BPE."""
+    text_cfg = model_cfg["text_cfg"]
+    ctx = text_cfg.get("context_length", 77)
+    kwargs = text_cfg.get("tokenizer_kwargs", {})
+    if "hf_tokenizer_name" in text_cfg:
+        return open_clip.tokenizer.HFTokenizer(text_cfg["hf_tokenizer_name"], context_length=ctx, **kwargs)
+    return open_clip.SimpleTokenizer(context_length=ctx, **kwargs)
+
+
+def build_transforms(preprocess_cfg: dict[str, Any]) -> tuple[Callable, Callable]:
+    """open_clip's (train, eval) image transforms for a preprocess config."""
+    p = PreprocessCfg(**preprocess_cfg) if not isinstance(preprocess_cfg, PreprocessCfg) else preprocess_cfg
+    kwargs = dict(mean=p.mean, std=p.std, interpolation=p.interpolation, resize_mode=p.resize_mode)
+    train = open_clip.image_transform(p.size, is_train=True, **kwargs)
+    val = open_clip.image_transform(p.size, is_train=False, fill_color=p.fill_color, **kwargs)
+    return train, val
+
+
+def bundle_from_config(config: dict, load_tower_weights: bool = True) -> ModelBundle:
+    """Model, transforms and tokenizer from an open_clip_config.json dict."""
+    preprocess = config.get("preprocess_cfg", {})
+    preprocess = asdict(preprocess) if isinstance(preprocess, PreprocessCfg) else dict(preprocess)
+    config = {"model_cfg": config["model_cfg"], "preprocess_cfg": preprocess}
+    model = build_model(config["model_cfg"], load_tower_weights=load_tower_weights)
+    train_t, eval_t = build_transforms(preprocess)
+    return ModelBundle(model, train_t, eval_t, build_tokenizer(config["model_cfg"]), config)
+
+
+def create_model(cfg: ModelCfg) -> ModelBundle:
+    """Builds the model a recipe names, starting from `cfg.pretrained` (an open_clip checkpoint file) if set."""
+    bundle = bundle_from_config(resolve_config(cfg), load_tower_weights=cfg.pretrained is None)
+    if cfg.pretrained is not None:
+        # open_clip's loader handles its own checkpoint layouts (state_dict / module. prefixes / safetensors).
+        open_clip.load_checkpoint(bundle.model, cfg.pretrained, strict=True, weights_only=True)
+    return bundle
+
+
+def list_architectures() -> list[str]:
+    """The open_clip architectures a recipe can name (CoCa configs excluded: they are captioners)."""
+    return [n for n in open_clip.list_models() if "multimodal_cfg" not in (open_clip.get_model_config(n) or {})]

@@ -1,0 +1,46 @@
+"""Parameter groups, AdamW and the warmup + cosine learning-rate schedule."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def no_decay(name: str, param: torch.Tensor) -> bool:
+    """Gains, biases (any 1-d tensor) and the logit scale/bias get no weight decay, as in CLIP and open_clip."""
+    return param.ndim < 2 or "logit_scale" in name or "logit_bias" in name
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Two AdamW groups over the trainable parameters: with and without weight decay."""
+    decay, plain = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (plain if no_decay(name, p) else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": plain, "weight_decay": 0.0}]
+
+
+def make_optimizer(
+    model: torch.nn.Module, lr: float, weight_decay: float, betas: tuple[float, float], eps: float
+) -> torch.optim.AdamW:
+    """AdamW over `param_groups`; fused on CUDA (one kernel for all parameters), foreach elsewhere."""
+    on_cuda = next(model.parameters()).is_cuda
+    kwargs = {"fused": True} if on_cuda else {"foreach": True}
+    return torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=betas, eps=eps, **kwargs)
+
+
+def lr_factor(step: int, steps: int, warmup: int, min_ratio: float) -> float:
+    """Multiplier of the peak LR at `step`: linear warmup from 1/warmup to 1, then cosine down to min_ratio."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, steps - warmup)
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def make_scheduler(
+    optimizer: torch.optim.Optimizer, steps: int, warmup: int, lr: float, min_lr: float
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """A LambdaLR (its state travels in checkpoints) following `lr_factor`."""
+    ratio = min_lr / lr
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, steps, warmup, ratio))

@@ -1,0 +1,39 @@
+"""Shared fixtures: offline hub, tiny real models built from configs, real shards built once per session."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(2)
+
+# A tiny but real open_clip CLIP (ViT image tower, transformer text tower, CLIP BPE tokenizer).
+TINY_MODEL = {
+    "embed_dim": 32,
+    "vision_cfg": {"image_size": 16, "patch_size": 8, "width": 32, "layers": 2, "head_width": 16, "mlp_ratio": 2.0},
+    "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 2, "mlp_ratio": 2.0},
+}
+
+
+@pytest.fixture
+def tiny_model_cfg() -> dict:
+    import copy
+
+    return copy.deepcopy(TINY_MODEL)
+
+
+@pytest.fixture(scope="session")
+def digits_dir(tmp_path_factory):
+    """The real scikit-learn digits as shards (built once per test session, ~2 s)."""
+    from clipkit.data.builtin import build
+
+    out = tmp_path_factory.mktemp("digits")
+    build("digits", out)
+    return out

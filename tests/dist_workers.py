@@ -1,0 +1,110 @@
+"""Worker functions run in real spawned processes (gloo) by tests/test_distributed.py.
+
+Kept in their own module so `torch.multiprocessing` can import them by name in the children.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+
+def init(rank: int, world_size: int, port: int) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), HF_HUB_OFFLINE="1")
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+
+
+def global_batch(n: int, seed: int = 0):
+    """The same [n] images and token ids on every process (each takes its slice)."""
+    import open_clip
+
+    g = torch.Generator().manual_seed(seed)
+    images = torch.randn(n, 3, 16, 16, generator=g, dtype=torch.float64)
+    words = ["red", "blue", "cat", "dog", "tree", "car", "sun", "moon"]
+    texts = [f"a {words[i % 8]} {words[(i * 3 + 1) % 8]} number {i}" for i in range(n)]
+    return images, open_clip.SimpleTokenizer(context_length=16)(texts)
+
+
+def make_model(model_cfg: dict, kind: str):
+    from clipkit.models.factory import build_model
+
+    torch.manual_seed(0)
+    cfg = dict(model_cfg, init_logit_bias=-5.0) if kind == "siglip" else model_cfg
+    return build_model(cfg).double().train()
+
+
+def grads_of(model) -> dict:
+    return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def contrastive_grads(
+    rank: int,
+    world_size: int,
+    port: int,
+    out: str,
+    model_cfg: dict,
+    kind: str,
+    per_rank: int,
+    accum: int,
+    gather_grad: bool,
+) -> None:
+    """One optimizer step's gradients under DDP: this rank holds `accum` micro-batches of `per_rank` samples."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    from clipkit.loss import ContrastiveLoss
+    from clipkit.step import forward_backward
+
+    init(rank, world_size, port)
+    model = DDP(make_model(model_cfg, kind))
+    images, texts = global_batch(world_size * per_rank * accum)
+    # Global order (rank, micro-batch, row), as forward_backward assumes.
+    mine = slice(rank * per_rank * accum, (rank + 1) * per_rank * accum)
+    img, txt = images[mine], texts[mine]
+    micro = [(img[j * per_rank : (j + 1) * per_rank], txt[j * per_rank : (j + 1) * per_rank]) for j in range(accum)]
+    loss = forward_backward(model, micro, ContrastiveLoss(kind, gather_grad=gather_grad), no_sync=model.no_sync)
+    dist.all_reduce(loss)
+    if rank == 0:
+        torch.save({"loss": loss / world_size, "grads": grads_of(model.module)}, out)
+    dist.destroy_process_group()
+
+
+def no_transform(image):
+    return torch.zeros(1)
+
+
+def no_tokenizer(texts):
+    return torch.zeros(len(texts))
+
+
+def epoch_steps(rank: int, world_size: int, port: int, out: str, shard_dir: str, batch_size: int, workers: int) -> None:
+    """Iterates one epoch-mode epoch with a collective per batch (as DDP would) and records the keys seen."""
+    import json
+
+    from clipkit.data.pipeline import Source, TrainStream, train_loader
+    from clipkit.data.shards import expand_shards
+
+    init(rank, world_size, port)
+    urls = expand_shards(f"{shard_dir}/*.tar")
+    stream = TrainStream(
+        [Source(tuple(urls))],
+        batch_size,
+        no_transform,
+        no_tokenizer,
+        rank=rank,
+        world_size=world_size,
+        seed=3,
+        resampled=False,
+        shuffle_size=0,
+    )
+    keys, steps = [], 0
+    for batch in train_loader(stream, workers):
+        dist.all_reduce(torch.ones(1))  # a rank with fewer batches would leave the other waiting here forever
+        keys.extend(batch["key"])
+        steps += 1
+    Path(out).with_suffix(f".{rank}.json").write_text(json.dumps({"steps": steps, "keys": keys}))
+    dist.barrier()
+    dist.destroy_process_group()

@@ -1,0 +1,132 @@
+"""Loss: hand-computed values, open_clip's losses as reference, and feature-cached accumulation vs a big batch."""
+
+from __future__ import annotations
+
+import math
+
+import open_clip
+import pytest
+import torch
+import torch.nn.functional as F
+
+from clipkit.loss import ContrastiveLoss, clip_loss_rows, siglip_loss_rows
+from clipkit.models.factory import build_model
+from clipkit.step import forward_backward
+
+
+def _features(n: int, d: int, seed: int, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    img = F.normalize(torch.randn(n, d, generator=g, dtype=dtype), dim=-1)
+    txt = F.normalize(torch.randn(n, d, generator=g, dtype=dtype), dim=-1)
+    return img, txt
+
+
+def test_clip_loss_hand_computed():
+    # Two orthogonal pairs, perfectly aligned: logits [[s, 0], [0, s]]; CE = log(1 + e^-s) in both directions.
+    img = torch.eye(2, dtype=torch.float64)
+    s = torch.tensor(2.0, dtype=torch.float64)
+    loss = clip_loss_rows(img, img, img, img, s)
+    assert loss.item() == pytest.approx(math.log(1 + math.exp(-2.0)), abs=1e-12)
+
+
+def test_siglip_loss_hand_computed():
+    # Same features, scale 2, bias -1: positives have logit 1, negatives -1; each pair costs log(1 + e^-1).
+    img = torch.eye(2, dtype=torch.float64)
+    loss = siglip_loss_rows(img, img, torch.tensor(2.0, dtype=torch.float64), torch.tensor(-1.0, dtype=torch.float64))
+    assert loss.item() == pytest.approx(4 * math.log(1 + math.exp(-1.0)) / 2, abs=1e-12)
+
+
+def test_clip_loss_row_offset_selects_diagonal_block():
+    img, txt = _features(6, 8, 0)
+    s = torch.tensor(10.0, dtype=torch.float64)
+    full = clip_loss_rows(img, txt, img, txt, s)
+    parts = [clip_loss_rows(img[i : i + 2], txt[i : i + 2], img, txt, s, row_offset=i) for i in (0, 2, 4)]
+    assert torch.allclose(full, sum(parts) / 3, atol=1e-12)
+
+
+@pytest.mark.parametrize("n", [1, 7, 64])
+def test_clip_loss_equals_open_clip(n):
+    img, txt = _features(n, 16, n)
+    scale = torch.tensor(14.3, dtype=torch.float64)
+    ours = ContrastiveLoss("clip")(img, txt, scale)
+    ref = open_clip.ClipLoss()(img, txt, scale)
+    assert torch.allclose(ours, ref, atol=1e-12, rtol=0)
+
+
+def test_siglip_loss_equals_open_clip():
+    img, txt = _features(12, 16, 3)
+    scale, bias = torch.tensor(10.0, dtype=torch.float64), torch.tensor(-10.0, dtype=torch.float64)
+    ours = ContrastiveLoss("siglip")(img, txt, scale, bias)
+    ref = open_clip.loss.SigLipLoss()(img, txt, scale, bias)
+    assert torch.allclose(ours, ref, atol=1e-12, rtol=0)
+
+
+def test_siglip_without_bias_is_a_clear_error():
+    img, txt = _features(4, 8, 1)
+    with pytest.raises(ValueError, match="logit_bias"):
+        ContrastiveLoss("siglip")(img, txt, torch.tensor(1.0, dtype=torch.float64))
+
+
+def _grads(model):
+    return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("kind", ["clip", "siglip"])
+def test_cached_accumulation_equals_big_batch(tiny_model_cfg, kind):
+    """K=4 micro-batches of 4 with feature caching give the gradient of one batch of 16, logit scale included."""
+    torch.manual_seed(0)
+    cfg = dict(tiny_model_cfg, init_logit_bias=-5.0) if kind == "siglip" else tiny_model_cfg
+    cfg["vision_cfg"]["patch_dropout"] = 0.0
+    model = build_model(cfg).double().train()  # no dropout: the big batch would draw other masks
+    images = torch.randn(16, 3, 16, 16, dtype=torch.float64)
+    texts = open_clip.SimpleTokenizer(context_length=16)([f"a photo number {i}" for i in range(16)])
+    loss_fn = ContrastiveLoss(kind)
+
+    def run(micro):
+        model.zero_grad()
+        torch.manual_seed(123)
+        loss = forward_backward(model, micro, loss_fn)
+        return loss, _grads(model)
+
+    big_loss, big = run([(images, texts)])
+    small_loss, small = run([(images[i : i + 4], texts[i : i + 4]) for i in range(0, 16, 4)])
+    assert torch.allclose(big_loss, small_loss, atol=1e-12)
+    assert big.keys() == small.keys() and "logit_scale" in big
+    for name in big:
+        assert torch.allclose(big[name], small[name], atol=1e-10, rtol=0), name
+
+
+def _recompute_losses(model, loss_fn, micro, monkeypatch=None):
+    seen = []
+    orig = loss_fn.from_global
+
+    def spy(*args):
+        out = orig(*args)
+        seen.append(out.detach())
+        return out
+
+    loss_fn.from_global = spy
+    forward_backward(model, micro, loss_fn)
+    return seen
+
+
+def test_cached_accumulation_replays_patch_dropout(tiny_model_cfg, monkeypatch):
+    """With patch dropout active, each recompute must draw the cached pass's masks again.
+
+    Every recompute step rebuilds the same big-batch loss only if the masks were replayed; the negative control
+    (RNG replay switched off) shows the check can fail.
+    """
+    import clipkit.step
+
+    torch.manual_seed(0)
+    tiny_model_cfg["vision_cfg"]["patch_dropout"] = 0.5
+    model = build_model(tiny_model_cfg).double().train()
+    images = torch.randn(8, 3, 16, 16, dtype=torch.float64)
+    texts = open_clip.SimpleTokenizer(context_length=16)([f"photo {i}" for i in range(8)])
+    micro = [(images[:4], texts[:4]), (images[4:], texts[4:])]
+    seen = _recompute_losses(model, ContrastiveLoss("clip"), micro)
+    assert len(seen) == 2 and torch.allclose(seen[0], seen[1], atol=1e-12)
+
+    monkeypatch.setattr(clipkit.step, "_set_rng_state", lambda state, device: None)
+    seen = _recompute_losses(model, ContrastiveLoss("clip"), micro)
+    assert not torch.allclose(seen[0], seen[1], atol=1e-6)
