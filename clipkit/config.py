@@ -66,6 +66,9 @@ class DataCfg:
         shuffle_buffer: samples held per worker for within-shard shuffling.
         caption: which caption line of a sample to train on: a random one, or always the first.
         prefetch_factor: batches prefetched per worker.
+        resampled: draw shards with replacement, forever (True), or run exact epochs (False): shards shuffled with
+            (seed, epoch) before the split by process and worker, every worker yielding the same number of full
+            batches. Epoch mode mixes sources by concatenation, so source weights must all be 1.
     """
 
     sources: tuple[SourceCfg, ...] = ()
@@ -74,6 +77,7 @@ class DataCfg:
     shuffle_buffer: int = 1000
     caption: Literal["random", "first"] = "random"
     prefetch_factor: int = 2
+    resampled: bool = True
 
 
 @dataclass(frozen=True)
@@ -94,8 +98,12 @@ class TrainCfg:
         local_loss: each process computes its rows against all columns (True), or the full global matrix.
         gather_with_grad: all-gather features with autograd (exact gradients). Only False to reproduce
             open_clip's default, which under-weights encoder gradients by the world size.
+        gather_dtype: dtype features are cast to for the cross-process exchange ("bf16" halves its bytes; the
+            loss itself stays in the features' dtype).
         accum_freq: micro-batches per optimizer step with cached features (GradCache), giving the gradient
             of one accum_freq-times larger batch.
+        fsdp: shard parameters, gradients and optimizer state with FSDP2 through Accelerate's plugin (GPUs only:
+            on CPU Accelerate ignores the plugin and runs DDP, so clipkit refuses it there).
         log_every: steps between metric log lines.
         checkpoint_every: steps between checkpoints (0 = only at the end).
         wandb: log to Weights & Biases (offline unless WANDB_MODE says otherwise).
@@ -113,7 +121,9 @@ class TrainCfg:
     loss: Literal["clip", "siglip"] = "clip"
     local_loss: bool = True
     gather_with_grad: bool = True
+    gather_dtype: Literal["fp32", "bf16"] = "fp32"
     accum_freq: int = 1
+    fsdp: bool = False
     log_every: int = 10
     checkpoint_every: int = 0
     wandb: bool = False
@@ -370,6 +380,11 @@ def validate(r: Recipe) -> None:
     need(d.workers >= 0, "data.workers", d.workers, "must be >= 0")
     need(d.shuffle_buffer >= 0, "data.shuffle_buffer", d.shuffle_buffer, "must be >= 0")
     need(d.prefetch_factor >= 1, "data.prefetch_factor", d.prefetch_factor, "must be >= 1")
+    if not d.resampled:
+        for i, s in enumerate(d.sources):
+            need(
+                s.weight == 1.0, f"data.sources.{i}.weight", s.weight, "must be 1 in epoch mode (data.resampled false)"
+            )
 
     t = r.train
     need(t.steps >= 1, "train.steps", t.steps, "must be >= 1")

@@ -32,14 +32,21 @@ def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
     _, w = world()
     if w == 1:
         return x
+    gather = _autograd_all_gather()
+    if gather is not None:
+        return gather(x.contiguous(), gather_dim=0, group=dist.group.WORLD)
+    from torch.distributed.nn.functional import all_gather  # torch < 2.3: deprecated, but has the same gradient
+
+    return torch.cat(all_gather(x.contiguous()), dim=0)
+
+
+def _autograd_all_gather():
+    """torch's functional autograd all-gather under its current name (renamed in torch 2.15), or None."""
     try:
-        from torch.distributed._functional_collectives import all_gather_tensor_autograd
-
-        return all_gather_tensor_autograd(x.contiguous(), gather_dim=0, group=dist.group.WORLD)
-    except (ImportError, RuntimeError):  # older torch, or a backend without functional collectives
-        from torch.distributed.nn.functional import all_gather
-
-        return torch.cat(all_gather(x.contiguous()), dim=0)
+        import torch.distributed._functional_collectives as fc
+    except ImportError:
+        return None
+    return getattr(fc, "all_gather_single_autograd", None) or getattr(fc, "all_gather_tensor_autograd", None)
 
 
 @torch.no_grad()

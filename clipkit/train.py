@@ -12,6 +12,7 @@ import logging
 import math
 import os
 import re
+import shutil
 import time
 from collections import Counter
 from pathlib import Path
@@ -28,6 +29,7 @@ from clipkit.evaluate import run as evals
 from clipkit.loss import ContrastiveLoss
 from clipkit.models import ModelBundle, create_model, save_model
 from clipkit.optim import make_optimizer, make_scheduler
+from clipkit.plots import plot_metrics
 from clipkit.step import forward_backward
 
 log = logging.getLogger("clipkit")
@@ -66,6 +68,18 @@ def make_accelerator(recipe: Recipe, out_dir: Path) -> Accelerator:
     """Accelerator for the recipe: bf16 autocast only when asked (fp16 on CPU silently runs fp32)."""
     precision = "bf16" if recipe.train.precision == "bf16" else "no"
     kwargs = {}
+    if recipe.train.fsdp:
+        if not torch.cuda.is_available():
+            raise RecipeError("train.fsdp: true needs GPUs (on CPU, Accelerate ignores the FSDP plugin and runs DDP)")
+        from accelerate import FullyShardedDataParallelPlugin
+
+        # Size-based wrapping fits every tower family (open_clip, timm, HF) without naming their block classes.
+        kwargs["fsdp_plugin"] = FullyShardedDataParallelPlugin(
+            fsdp_version=2,
+            auto_wrap_policy="size_based_wrap",
+            min_num_params=1_000_000,
+            state_dict_type="FULL_STATE_DICT",
+        )
     if recipe.train.wandb:
         kwargs.update(log_with="wandb", project_dir=str(out_dir))
     return Accelerator(mixed_precision=precision, cpu=not torch.cuda.is_available(), **kwargs)
@@ -98,6 +112,14 @@ def find_checkpoint(out_dir: Path, resume: str) -> Path:
     if not done:
         raise FileNotFoundError(f"--resume latest: no complete checkpoint under {out_dir / 'checkpoints'}")
     return max(done, key=lambda p: int(re.findall(r"\d+", p.name)[-1]))
+
+
+def epochs(stream: TrainStream, loader: torch.utils.data.DataLoader):
+    """Batches forever: a resampled stream never ends; in epoch mode each pass is an epoch, and the shared epoch
+    counter is bumped before the loader starts its workers again (so they reshuffle shards with the new epoch)."""
+    while True:
+        yield from loader
+        stream.epoch.value += 1
 
 
 class MetricsLog:
@@ -190,12 +212,15 @@ def train(recipe: Recipe, out_dir: str | Path, resume: str | None = None) -> dic
         rank=rank,
         world_size=world_size,
         seed=recipe.seed * 1_000_003 + start,
-        resampled=True,
+        resampled=recipe.data.resampled,
         shuffle_size=recipe.data.shuffle_buffer,
         caption=recipe.data.caption,
     )
-    batches = iter(train_loader(stream, recipe.data.workers, recipe.data.prefetch_factor))
-    loss_fn = ContrastiveLoss(t.loss, local_loss=t.local_loss, gather_grad=t.gather_with_grad)
+    batches = epochs(stream, train_loader(stream, recipe.data.workers, recipe.data.prefetch_factor))
+    gather_dtype = torch.bfloat16 if t.gather_dtype == "bf16" else None
+    loss_fn = ContrastiveLoss(
+        t.loss, local_loss=t.local_loss, gather_grad=t.gather_with_grad, gather_dtype=gather_dtype
+    )
     metrics_log = MetricsLog(out_dir / "metrics.jsonl", main)
     skipped: Counter = Counter()
     samples_per_step = recipe.data.batch_size * world_size * t.accum_freq
@@ -249,7 +274,7 @@ def train(recipe: Recipe, out_dir: str | Path, resume: str | None = None) -> dic
                 raise FloatingPointError(f"step {done}: loss is {value}; see {out_dir / 'metrics.jsonl'}")
 
         if t.checkpoint_every and done % t.checkpoint_every == 0 and done < t.steps:
-            save_checkpoint(accelerator, raw_model, bundle.config, out_dir, done, recipe.name)
+            save_checkpoint(accelerator, model, bundle.config, out_dir, done, recipe.name)
         if recipe.eval.every and done % recipe.eval.every == 0 and done < t.steps:
             if main:
                 flat = run_evals(recipe, bundle, raw_model, out_dir, done, device)
@@ -258,7 +283,7 @@ def train(recipe: Recipe, out_dir: str | Path, resume: str | None = None) -> dic
             accelerator.wait_for_everyone()
     bar.close()
 
-    save_checkpoint(accelerator, raw_model, bundle.config, out_dir, t.steps, recipe.name)
+    final = save_checkpoint(accelerator, model, bundle.config, out_dir, t.steps, recipe.name)
     summary = {
         "steps": t.steps,
         "world_size": world_size,
@@ -268,9 +293,11 @@ def train(recipe: Recipe, out_dir: str | Path, resume: str | None = None) -> dic
         "model": str(out_dir / "model"),
     }
     if main:
-        save_model(out_dir / "model", raw_model, bundle.config, {"recipe": recipe.name, "step": t.steps})
+        shutil.copytree(final / "model", out_dir / "model", dirs_exist_ok=True)
         flat = run_evals(recipe, bundle, raw_model, out_dir, t.steps, device) if recipe.eval.tasks else {}
+        metrics_log.write({"step": t.steps, **flat})
         accelerator.log(flat, step=t.steps)
+        plot_metrics(out_dir / "metrics.jsonl", out_dir / "metrics.png")
         summary["eval"] = flat
         if recipe.index.shards:
             summary["index"] = build_run_index(recipe, bundle, raw_model, out_dir, device)
@@ -287,8 +314,9 @@ def save_checkpoint(
     folder, progress.json; `COMPLETE` is written last, so a half-written checkpoint is never resumed from."""
     ckpt = out_dir / "checkpoints" / f"step-{step:08d}"
     accelerator.save_state(str(ckpt / "state"))
+    state = accelerator.get_state_dict(model)  # a collective under FSDP: every process calls it
     if accelerator.is_main_process:
-        save_model(ckpt / "model", model, config, {"recipe": name, "step": step})
+        save_model(ckpt / "model", state, config, {"recipe": name, "step": step})
         (ckpt / "progress.json").write_text(json.dumps({"step": step}))
         (ckpt / "COMPLETE").write_text("")
     accelerator.wait_for_everyone()

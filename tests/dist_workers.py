@@ -18,23 +18,23 @@ def init(rank: int, world_size: int, port: int) -> None:
     dist.init_process_group("gloo", rank=rank, world_size=world_size)
 
 
-def global_batch(n: int, seed: int = 0):
+def global_batch(n: int, seed: int = 0, dtype: torch.dtype = torch.float64):
     """The same [n] images and token ids on every process (each takes its slice)."""
     import open_clip
 
     g = torch.Generator().manual_seed(seed)
-    images = torch.randn(n, 3, 16, 16, generator=g, dtype=torch.float64)
+    images = torch.randn(n, 3, 16, 16, generator=g, dtype=torch.float64).to(dtype)
     words = ["red", "blue", "cat", "dog", "tree", "car", "sun", "moon"]
     texts = [f"a {words[i % 8]} {words[(i * 3 + 1) % 8]} number {i}" for i in range(n)]
     return images, open_clip.SimpleTokenizer(context_length=16)(texts)
 
 
-def make_model(model_cfg: dict, kind: str):
+def make_model(model_cfg: dict, kind: str, dtype: torch.dtype = torch.float64):
     from clipkit.models.factory import build_model
 
     torch.manual_seed(0)
     cfg = dict(model_cfg, init_logit_bias=-5.0) if kind == "siglip" else model_cfg
-    return build_model(cfg).double().train()
+    return build_model(cfg).to(dtype).train()
 
 
 def grads_of(model) -> dict:
@@ -51,6 +51,8 @@ def contrastive_grads(
     per_rank: int,
     accum: int,
     gather_grad: bool,
+    dtype: torch.dtype = torch.float64,
+    gather_dtype: torch.dtype | None = None,
 ) -> None:
     """One optimizer step's gradients under DDP: this rank holds `accum` micro-batches of `per_rank` samples."""
     from torch.nn.parallel import DistributedDataParallel as DDP
@@ -59,13 +61,15 @@ def contrastive_grads(
     from clipkit.step import forward_backward
 
     init(rank, world_size, port)
-    model = DDP(make_model(model_cfg, kind))
-    images, texts = global_batch(world_size * per_rank * accum)
+    model = DDP(make_model(model_cfg, kind, dtype))
+    images, texts = global_batch(world_size * per_rank * accum, dtype=dtype)
     # Global order (rank, micro-batch, row), as forward_backward assumes.
     mine = slice(rank * per_rank * accum, (rank + 1) * per_rank * accum)
     img, txt = images[mine], texts[mine]
     micro = [(img[j * per_rank : (j + 1) * per_rank], txt[j * per_rank : (j + 1) * per_rank]) for j in range(accum)]
-    loss = forward_backward(model, micro, ContrastiveLoss(kind, gather_grad=gather_grad), no_sync=model.no_sync)
+    loss = forward_backward(
+        model, micro, ContrastiveLoss(kind, gather_grad=gather_grad, gather_dtype=gather_dtype), no_sync=model.no_sync
+    )
     dist.all_reduce(loss)
     if rank == 0:
         torch.save({"loss": loss / world_size, "grads": grads_of(model.module)}, out)

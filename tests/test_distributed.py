@@ -30,9 +30,9 @@ def spawn(fn, world_size: int, *args) -> None:
     mp.start_processes(fn, args=(world_size, free_port(), *args), nprocs=world_size, start_method="spawn", join=True)
 
 
-def single_process(model_cfg: dict, kind: str, n: int, accum: int = 1):
-    model = dist_workers.make_model(model_cfg, kind)
-    images, texts = dist_workers.global_batch(n)
+def single_process(model_cfg: dict, kind: str, n: int, accum: int = 1, dtype: torch.dtype = torch.float64):
+    model = dist_workers.make_model(model_cfg, kind, dtype)
+    images, texts = dist_workers.global_batch(n, dtype=dtype)
     m = n // accum
     micro = [(images[j * m : (j + 1) * m], texts[j * m : (j + 1) * m]) for j in range(accum)]
     loss = forward_backward(model, micro, ContrastiveLoss(kind))
@@ -60,6 +60,26 @@ def test_two_processes_with_accumulation_equal_one_big_batch(tmp_path, tiny_mode
     spawn(dist_workers.contrastive_grads, 2, out, tiny_model_cfg, "clip", 2, 4, True)
     ref_loss, ref = single_process(tiny_model_cfg, "clip", 16)
     assert_same(ref_loss, ref, torch.load(out))
+
+
+def test_two_processes_fp32(tmp_path, tiny_model_cfg):
+    """The same equality in fp32, where only rounding differs (summation order of the all-reduce)."""
+    out = str(tmp_path / "r.pt")
+    spawn(dist_workers.contrastive_grads, 2, out, tiny_model_cfg, "clip", 4, 1, True, torch.float32)
+    ref_loss, ref = single_process(tiny_model_cfg, "clip", 8, dtype=torch.float32)
+    assert_same(ref_loss, ref, torch.load(out), atol=1e-5)
+
+
+def test_bf16_gather_is_close_but_not_exact(tmp_path, tiny_model_cfg):
+    """Casting features to bf16 for the exchange halves its bytes; the gradient moves by bf16 rounding only."""
+    out = str(tmp_path / "r.pt")
+    spawn(dist_workers.contrastive_grads, 2, out, tiny_model_cfg, "clip", 4, 1, True, torch.float32, torch.bfloat16)
+    ref_loss, ref = single_process(tiny_model_cfg, "clip", 8, dtype=torch.float32)
+    got = torch.load(out)
+    assert abs(got["loss"].item() - ref_loss.item()) < 1e-2 * abs(ref_loss.item())
+    for k in ref:
+        scale = ref[k].abs().max().item() + 1e-12
+        assert (got["grads"][k] - ref[k]).abs().max().item() < 0.05 * scale, k
 
 
 def test_gather_without_grad_is_wrong(tmp_path, tiny_model_cfg):

@@ -143,3 +143,24 @@ def test_eval_samples_keep_json_and_all_captions(tmp_path):
     rows = list(iter_eval_samples(urls))
     assert rows[1]["captions"] == ["first 1", "second 1"] and rows[1]["json"] == {"i": 1}
     assert json.dumps(rows[0]["json"])
+
+
+def test_epoch_mode_reshuffles_shards_each_epoch_and_covers_the_data(tmp_path):
+    from clipkit.train import epochs
+
+    urls = []
+    for p in "abcdef":
+        urls += make_set(tmp_path, p, 10)
+    s = TrainStream([Source(tuple(urls))], 5, to_tensor, identity_tokenizer, resampled=False, shuffle_size=0)
+    batches = epochs(s, iter_loader(s))
+    first = [k for _ in range(12) for k in next(batches)["key"]]
+    second = [k for _ in range(12) for k in next(batches)["key"]]
+    everything = sorted(f"{p}_{i:04d}" for p in "abcdef" for i in range(10))
+    assert sorted(first) == everything and sorted(second) == everything
+    assert first != second and s.epoch.value == 1
+
+
+def iter_loader(stream):
+    from clipkit.data.pipeline import train_loader
+
+    return train_loader(stream, workers=0)

@@ -63,7 +63,8 @@ def test_run_folder_has_everything(run_dir):
     ]:
         assert (run_dir / f).exists(), f
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rows] == [2, 4, 6]
+    assert [r["step"] for r in rows if "loss" in r] == [2, 4, 6]
+    assert "eval/digits/acc1" in rows[-1] and (run_dir / "metrics.png").is_file()
     result = json.loads((run_dir / "eval/zeroshot-digits.json").read_text())
     assert set(result) == {"dataset", "model", "task", "metrics"}
     assert result["metrics"]["n_samples"] == 360 and 0 <= result["metrics"]["acc1"] <= 1
@@ -173,3 +174,8 @@ def test_two_process_training_runs(tmp_path, recipe_file):
     assert rows[-1]["step"] == 4
     summary = json.loads((tmp_path / "run2/summary.json").read_text())
     assert summary["world_size"] == 2 and summary["global_batch"] == 16
+
+
+def test_fsdp_on_cpu_is_refused_before_work(recipe_file, capsys):
+    assert main(["train", str(recipe_file), "train.fsdp=true"]) == 2
+    assert "train.fsdp" in capsys.readouterr().err

@@ -28,18 +28,22 @@ def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
-def save_model(out_dir: Path, model: torch.nn.Module, config: dict, info: dict | None = None) -> Path:
+def save_model(
+    out_dir: Path, model: torch.nn.Module | dict[str, torch.Tensor], config: dict, info: dict | None = None
+) -> Path:
     """Writes weights, config and info into `out_dir`, each file atomically (temp name, then rename).
 
     Args:
         out_dir: the model folder (created).
-        model: the model, possibly wrapped by DDP or torch.compile.
+        model: the model (possibly wrapped by DDP or torch.compile), or its full state dict (as gathered by
+            `accelerator.get_state_dict` when parameters are sharded).
         config: {"model_cfg", "preprocess_cfg"} as returned by `resolve_config`.
         info: extra facts kept in clipkit.json (recipe name, step, metrics).
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().contiguous().cpu() for k, v in _unwrap(model).state_dict().items()}
+    state = model if isinstance(model, dict) else _unwrap(model).state_dict()
+    state = {k: v.detach().contiguous().cpu() for k, v in state.items()}
     tmp = out_dir / f".{WEIGHTS_NAME}.tmp"
     save_file(state, str(tmp), metadata={"format": "pt"})
     os.replace(tmp, out_dir / WEIGHTS_NAME)
