@@ -185,6 +185,8 @@ class ContrastiveLoss:
         logit_bias: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Loss of this process's [n, D] normalized features; on one process it is the plain loss."""
-        image_all = self.gather(image_features)
+        # SigLIP's local rows read only the text columns: gathering the images would be wasted traffic.
+        skip_images = self.kind == "siglip" and self.local_loss
+        image_all = image_features if skip_images else self.gather(image_features)
         text_all = self.gather(text_features)
         return self.from_global(image_features, text_features, image_all, text_all, logit_scale, logit_bias)

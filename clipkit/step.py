@@ -12,8 +12,8 @@ logit scale and bias appear in every step's loss; they are kept live only in the
 their gradient is the big-batch one too (open_clip's accum_freq gives them K times it). It must be the last step:
 that is the one DDP synchronizes, and a parameter without gradient there would stall its all-reduce bucket.
 
-Cost: one extra forward per micro-batch (about +33% compute); memory of one micro-batch's activations plus
-K*n*D cached features per process.
+Cost: one extra forward per micro-batch (about +33% compute); memory of one micro-batch's activations plus the
+cached features of the whole global batch, [W*K*n, D] per modality on every process.
 """
 
 from __future__ import annotations

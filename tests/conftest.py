@@ -37,3 +37,14 @@ def digits_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("digits")
     build("digits", out)
     return out
+
+
+@pytest.fixture(scope="session")
+def quickstart_data(tmp_path_factory):
+    """The quickstart's real shard sets (emoji + Fashion-MNIST), built once per test session (~20 s)."""
+    from clipkit.data.builtin import build
+
+    root = tmp_path_factory.mktemp("quickstart-data")
+    for name in ("emoji", "fashion-mnist"):
+        build(name, root / name)
+    return root

@@ -53,6 +53,7 @@ def contrastive_grads(
     gather_grad: bool,
     dtype: torch.dtype = torch.float64,
     gather_dtype: torch.dtype | None = None,
+    local_loss: bool = True,
 ) -> None:
     """One optimizer step's gradients under DDP: this rank holds `accum` micro-batches of `per_rank` samples."""
     from torch.nn.parallel import DistributedDataParallel as DDP
@@ -68,7 +69,10 @@ def contrastive_grads(
     img, txt = images[mine], texts[mine]
     micro = [(img[j * per_rank : (j + 1) * per_rank], txt[j * per_rank : (j + 1) * per_rank]) for j in range(accum)]
     loss = forward_backward(
-        model, micro, ContrastiveLoss(kind, gather_grad=gather_grad, gather_dtype=gather_dtype), no_sync=model.no_sync
+        model,
+        micro,
+        ContrastiveLoss(kind, local_loss=local_loss, gather_grad=gather_grad, gather_dtype=gather_dtype),
+        no_sync=model.no_sync,
     )
     dist.all_reduce(loss)
     if rank == 0:

@@ -93,6 +93,24 @@ def test_gather_without_grad_is_wrong(tmp_path, tiny_model_cfg):
     assert not torch.allclose(got["grads"][tower], ref[tower], atol=1e-6)  # ...its encoder gradient is not
 
 
+def test_global_loss_without_grad_gather_gives_towers_one_over_w(tmp_path, tiny_model_cfg):
+    """open_clip's default (global loss, no-grad gather): the towers get exactly 1/W of the true gradient."""
+    out = str(tmp_path / "r.pt")
+    spawn(dist_workers.contrastive_grads, 2, out, tiny_model_cfg, "clip", 4, 1, False, torch.float64, None, False)
+    ref_loss, ref = single_process(tiny_model_cfg, "clip", 8)
+    got = torch.load(out)
+    for name in ("visual.conv1.weight", "token_embedding.weight", "text_projection"):
+        assert torch.allclose(got["grads"][name] * 2, ref[name], atol=1e-10), name
+    assert torch.allclose(got["grads"]["logit_scale"], ref["logit_scale"], atol=1e-10)  # its own param: exact
+
+
+def test_global_loss_with_grad_gather_is_exact(tmp_path, tiny_model_cfg):
+    out = str(tmp_path / "r.pt")
+    spawn(dist_workers.contrastive_grads, 2, out, tiny_model_cfg, "clip", 4, 1, True, torch.float64, None, False)
+    ref_loss, ref = single_process(tiny_model_cfg, "clip", 8)
+    assert_same(ref_loss, ref, torch.load(out))
+
+
 def _write_uneven_shards(root, sizes):
     from clipkit.data.shards import write_shards
 

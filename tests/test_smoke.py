@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import yaml
@@ -146,34 +147,20 @@ def test_bad_override_fails_fast_with_the_key(recipe_file, capsys):
     assert "train.lrr" in capsys.readouterr().err
 
 
-def test_two_process_training_runs(tmp_path, recipe_file):
-    """A real 2-process run (torchrun, gloo): both ranks step together to the end."""
+def test_two_process_quickstart_runs(tmp_path, quickstart_data):
+    """The quickstart recipe itself, a few steps on 2 real processes (torchrun, gloo): both step together."""
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node",
-        "2",
-        "-m",
-        "clipkit.cli",
-        "train",
-        str(recipe_file),
-        "--out",
-        str(tmp_path / "run2"),
-        "train.steps=4",
-        "train.checkpoint_every=0",
-        "data.batch_size=8",
-        "eval.tasks=[]",
-        "index.shards=",
-    ]
+    recipe = Path(__file__).resolve().parents[1] / "recipes" / "quickstart.yaml"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "clipkit.cli", "train", str(recipe), "--out", str(tmp_path / "run2"), f"data_root={quickstart_data}",
+           "train.steps=4", "train.warmup=1", "train.log_every=2", "data.batch_size=16", "eval.tasks=[]",
+           "index.shards="]  # fmt: skip
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [json.loads(line) for line in (tmp_path / "run2/metrics.jsonl").read_text().splitlines()]
-    assert rows[-1]["step"] == 4
+    assert [r["step"] for r in rows if "loss" in r] == [2, 4]
     summary = json.loads((tmp_path / "run2/summary.json").read_text())
-    assert summary["world_size"] == 2 and summary["global_batch"] == 16
+    assert summary["world_size"] == 2 and summary["global_batch"] == 32
 
 
 def test_fsdp_on_cpu_is_refused_before_work(recipe_file, capsys):

@@ -17,7 +17,7 @@ fi
 
 spec="."
 [ -n "$extras" ] && spec=".[${extras}]"
-if ! python3 -c "import clipkit" 2>/dev/null || [ -n "$extras" ]; then
+if ! python3 -m pip show -q clipkit >/dev/null 2>&1 || ! command -v clipkit >/dev/null || [ -n "$extras" ]; then
   echo "== pip install -e '${spec}'"
   python3 -m pip install -q --disable-pip-version-check -e "${spec}"
 fi
