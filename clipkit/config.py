@@ -69,6 +69,8 @@ class DataCfg:
         resampled: draw shards with replacement, forever (True), or run exact epochs (False): shards shuffled with
             (seed, epoch) before the split by process and worker, every worker yielding the same number of full
             batches. Epoch mode mixes sources by concatenation, so source weights must all be 1.
+        max_skip_rate: stop the run when more than this share of the samples read so far was unusable (checked on
+            log steps once 1,000 samples were read); the error names the worst shards.
     """
 
     sources: tuple[SourceCfg, ...] = ()
@@ -78,6 +80,7 @@ class DataCfg:
     caption: Literal["random", "first"] = "random"
     prefetch_factor: int = 2
     resampled: bool = True
+    max_skip_rate: float = 0.1
 
 
 @dataclass(frozen=True)
@@ -105,7 +108,13 @@ class TrainCfg:
         fsdp: shard parameters, gradients and optimizer state with FSDP2 through Accelerate's plugin (GPUs only:
             on CPU Accelerate ignores the plugin and runs DDP, so clipkit refuses it there).
         log_every: steps between metric log lines.
-        checkpoint_every: steps between checkpoints (0 = only at the end).
+        checkpoint_every: steps between checkpoints (0 = only at the end). It also sets the length of the resampled
+            data segments that an exact resume replays, so keep it when resuming.
+        keep_checkpoints: how many of the latest checkpoints to keep (0 = all).
+        keep_best: also keep the checkpoint with the best value of this eval metric, e.g.
+            "eval/fashion-mnist/acc1" (higher is better); the evals then also run at every checkpoint.
+        max_nonfinite: a step whose loss or gradient is not finite is skipped and counted; this many in a row stop
+            the run (the last good checkpoint is kept).
         wandb: log to Weights & Biases (offline unless WANDB_MODE says otherwise).
     """
 
@@ -126,6 +135,9 @@ class TrainCfg:
     fsdp: bool = False
     log_every: int = 10
     checkpoint_every: int = 0
+    keep_checkpoints: int = 3
+    keep_best: str | None = None
+    max_nonfinite: int = 5
     wandb: bool = False
 
 
@@ -398,8 +410,19 @@ def validate(r: Recipe) -> None:
     need(t.accum_freq >= 1, "train.accum_freq", t.accum_freq, "must be >= 1")
     need(t.log_every >= 1, "train.log_every", t.log_every, "must be >= 1")
     need(t.checkpoint_every >= 0, "train.checkpoint_every", t.checkpoint_every, "must be >= 0")
+    need(t.keep_checkpoints >= 0, "train.keep_checkpoints", t.keep_checkpoints, "must be >= 0 (0 = keep all)")
+    need(t.max_nonfinite >= 1, "train.max_nonfinite", t.max_nonfinite, "must be >= 1")
+    need(0 <= d.max_skip_rate <= 1, "data.max_skip_rate", d.max_skip_rate, "must be in [0, 1]")
 
     e = r.eval
+    if t.keep_best is not None:
+        names = {f"eval/{task.dataset}/" for task in e.tasks}
+        need(
+            any(t.keep_best.startswith(n) for n in names),
+            "train.keep_best",
+            t.keep_best,
+            f"must name an eval metric as eval/<dataset>/<metric>, with a dataset of eval.tasks {sorted(names)}",
+        )
     need(e.every >= 0, "eval.every", e.every, "must be >= 0")
     need(e.batch_size >= 1, "eval.batch_size", e.batch_size, "must be >= 1")
     seen = set()

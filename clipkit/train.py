@@ -11,8 +11,9 @@ import json
 import logging
 import math
 import os
-import re
 import shutil
+import signal
+import sys
 import time
 from collections import Counter
 from pathlib import Path
@@ -22,17 +23,26 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
+from clipkit import faults
+from clipkit.checkpoint import Progress, find_checkpoint, load_progress, prune_checkpoints, save_checkpoint
 from clipkit.config import Recipe, RecipeError, save_recipe, to_dict
 from clipkit.data.pipeline import Source, TrainStream, train_loader
 from clipkit.data.shards import expand_shards
 from clipkit.evaluate import run as evals
 from clipkit.loss import ContrastiveLoss
-from clipkit.models import ModelBundle, create_model, save_model
+from clipkit.models import ModelBundle, create_model
 from clipkit.optim import make_optimizer, make_scheduler
 from clipkit.plots import plot_metrics
 from clipkit.step import forward_backward
 
 log = logging.getLogger("clipkit")
+MIN_SAMPLES_FOR_SKIP_RATE = 1000  # the skip rate of the first few batches says little about a data set
+
+
+class TrainingStopped(RuntimeError):
+    """The run stopped itself for a reason it names (too much bad data, non-finite steps in a row)."""
+
+
 MAX_LOGIT_SCALE = math.log(100.0)
 SIGLIP_INIT = {"init_logit_scale": math.log(10.0), "init_logit_bias": -10.0}  # from the SigLIP paper
 
@@ -46,6 +56,10 @@ def preflight(recipe: Recipe) -> dict[str, list[str]]:
     Raises:
         RecipeError: naming the key whose files are missing.
     """
+    if recipe.model.name is not None:
+        from clipkit.models.factory import resolve_config
+
+        resolve_config(recipe.model)  # an unknown architecture fails here, naming model.name
     shards = {}
     specs = [(f"data.sources.{i}.shards", s.shards) for i, s in enumerate(recipe.data.sources)]
     specs += [(f"eval.tasks.{i}.shards", t.shards) for i, t in enumerate(recipe.eval.tasks)]
@@ -101,25 +115,59 @@ def build_bundle(recipe: Recipe) -> ModelBundle:
     return create_model(replace(cfg, name=None, config=config))
 
 
-def find_checkpoint(out_dir: Path, resume: str) -> Path:
-    """`latest` -> the newest complete checkpoint folder of the run; otherwise the given path."""
-    if resume != "latest":
-        path = Path(resume)
-        if not (path / "state").is_dir():
-            raise FileNotFoundError(f"--resume {resume}: no checkpoint state folder at {path / 'state'}")
-        return path
-    done = [p for p in (out_dir / "checkpoints").glob("step-*") if (p / "COMPLETE").exists()]
-    if not done:
-        raise FileNotFoundError(f"--resume latest: no complete checkpoint under {out_dir / 'checkpoints'}")
-    return max(done, key=lambda p: int(re.findall(r"\d+", p.name)[-1]))
+def positioned_batches(stream: TrainStream, loader, epoch_len: int, epoch: int = 0, consumed: int = 0):
+    """Yields (batch, (epoch, consumed)) forever from a data position.
 
-
-def epochs(stream: TrainStream, loader: torch.utils.data.DataLoader):
-    """Batches forever: a resampled stream never ends; in epoch mode each pass is an epoch, and the shared epoch
-    counter is bumped before the loader starts its workers again (so they reshuffle shards with the new epoch)."""
+    Each epoch (epoch mode) or segment (resampled mode: `epoch_len` batches between checkpoints) restarts the
+    loader with the shared epoch counter set, so its data depends only on (seed, epoch, rank, worker). Resuming
+    mid-epoch re-reads that epoch and discards the `consumed` batches already trained on (their decode cost is
+    bounded by one segment); their skip counts were recorded before and are dropped.
+    """
+    epoch, consumed = epoch + consumed // epoch_len, consumed % epoch_len
     while True:
-        yield from loader
-        stream.epoch.value += 1
+        stream.epoch.value = epoch
+        batches = iter(loader)
+        for i in range(epoch_len):
+            batch = next(batches)
+            if i >= consumed:
+                yield batch, (epoch, i + 1)
+        del batches  # shuts the workers down before the next epoch starts its own
+        epoch, consumed = epoch + 1, 0
+
+
+class StopSignals:
+    """SIGTERM / SIGINT: the first asks for a checkpoint at the next step boundary, the second exits at once.
+
+    Exiting at once cannot corrupt a checkpoint: a half-written one has no COMPLETE marker and is never resumed.
+    """
+
+    def __init__(self):
+        self.received: int | None = None
+        self._previous = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, signum, frame):
+        if self.received is not None:
+            os._exit(128 + signum)
+        self.received = signum
+        print(
+            f"clipkit: {signal.Signals(signum).name} received: checkpointing at the next step boundary "
+            "(send it again to exit at once)",
+            file=sys.stderr,
+            flush=True,
+        )
+
+
+def worst_shards(skipped_shards: dict, k: int = 3) -> str:
+    return ", ".join(f"{url} ({n})" for url, n in Counter(skipped_shards).most_common(k))
 
 
 class MetricsLog:
@@ -194,16 +242,15 @@ def train(recipe: Recipe, out_dir: str | Path, resume: str | None = None) -> dic
             },
         )
 
-    start = 0
+    progress = Progress()
     if resume is not None:
         ckpt = find_checkpoint(out_dir, resume)
         accelerator.load_state(str(ckpt / "state"))
-        start = json.loads((ckpt / "progress.json").read_text())["step"]
+        progress = load_progress(ckpt)
         if main:
-            log.info("resumed from %s at step %d", ckpt, start)
+            log.info("resumed from %s at step %d", ckpt, progress.step)
 
     sources = [Source(tuple(shards[f"data.sources.{i}.shards"]), s.weight) for i, s in enumerate(recipe.data.sources)]
-    # The stream's seed includes the start step, so a resumed run does not replay the samples it already saw.
     stream = TrainStream(
         sources,
         recipe.data.batch_size,
@@ -211,116 +258,167 @@ def train(recipe: Recipe, out_dir: str | Path, resume: str | None = None) -> dic
         bundle.tokenizer,
         rank=rank,
         world_size=world_size,
-        seed=recipe.seed * 1_000_003 + start,
+        seed=recipe.seed,
         resampled=recipe.data.resampled,
         shuffle_size=recipe.data.shuffle_buffer,
         caption=recipe.data.caption,
     )
-    batches = epochs(stream, train_loader(stream, recipe.data.workers, recipe.data.prefetch_factor))
+    loader = train_loader(stream, recipe.data.workers, recipe.data.prefetch_factor)
+    if recipe.data.resampled:  # segments end at checkpoints, so a resume replays at most one segment
+        epoch_len = (t.checkpoint_every or t.steps) * t.accum_freq
+    else:
+        epoch_len = stream.batches_per_worker(recipe.data.workers) * max(recipe.data.workers, 1)
+    batches = positioned_batches(stream, loader, epoch_len, progress.epoch, progress.consumed)
     gather_dtype = torch.bfloat16 if t.gather_dtype == "bf16" else None
     loss_fn = ContrastiveLoss(
         t.loss, local_loss=t.local_loss, gather_grad=t.gather_with_grad, gather_dtype=gather_dtype
     )
     metrics_log = MetricsLog(out_dir / "metrics.jsonl", main)
-    skipped: Counter = Counter()
+    skipped, skipped_shards = Counter(progress.skipped), Counter(progress.skipped_shards)
     samples_per_step = recipe.data.batch_size * world_size * t.accum_freq
 
+    def checkpoint(step: int, metrics: dict | None = None) -> Path:
+        progress.step, progress.skipped, progress.skipped_shards = step, dict(skipped), dict(skipped_shards)
+        progress.metrics = metrics or {}
+        ckpt = save_checkpoint(accelerator, model, bundle.config, out_dir, progress, recipe.name)
+        if main:
+            prune_checkpoints(out_dir, t.keep_checkpoints, t.keep_best)
+        return ckpt
+
     model.train()
-    bar = tqdm(total=t.steps, initial=start, desc="train", unit="step", disable=not main or None)
-    last_time, last_step = time.perf_counter(), start
-    loss = torch.zeros(())
-    for step in range(start, t.steps):
-        micro = []
-        for _ in range(t.accum_freq):
-            batch = next(batches)
-            skipped.update(batch["skipped"])
-            micro.append((batch["image"].to(device, non_blocking=True), batch["text"].to(device, non_blocking=True)))
-        loss = forward_backward(
-            model,
-            micro,
-            loss_fn,
-            backward=accelerator.backward,
-            no_sync=lambda: accelerator.no_sync(model),
-            autocast=accelerator.autocast,
-        )
-        if t.grad_clip > 0:
-            accelerator.clip_grad_norm_(model.parameters(), t.grad_clip)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        with torch.no_grad():  # CLIP's clamp: a temperature below 0.01 destabilizes training
-            raw_model.logit_scale.clamp_(0, MAX_LOGIT_SCALE)
-        done = step + 1
-        bar.update(1)
+    bar = tqdm(total=t.steps, initial=progress.step, desc="train", unit="step", disable=not main or None)
+    last_time, last_step = time.perf_counter(), progress.step
+    loss, in_a_row, preempted, final = torch.zeros(()), 0, None, None
+    with StopSignals() as signals:
+        for step in range(progress.step, t.steps):
+            micro = []
+            for _ in range(t.accum_freq):
+                batch, (progress.epoch, progress.consumed) = next(batches)
+                skipped.update(batch["skipped"])
+                skipped_shards.update(batch["skipped_shards"])
+                progress.samples += len(batch["key"])
+                micro.append(
+                    (batch["image"].to(device, non_blocking=True), batch["text"].to(device, non_blocking=True))
+                )
+            loss = forward_backward(
+                model,
+                micro,
+                loss_fn,
+                backward=accelerator.backward,
+                no_sync=lambda: accelerator.no_sync(model),
+                autocast=accelerator.autocast,
+            )
+            done = step + 1
+            faults.maybe_signal("sigterm", done, signal.SIGTERM)  # tests: a preemption notice during step `done`
+            if faults.armed("nan_grad", done):
+                next(p for p in model.parameters() if p.grad is not None).grad.fill_(float("nan"))
+            # The grad norm is computed anyway for clipping (inf: measure only). One small all-reduce per step tells
+            # every process whether any saw a non-finite gradient or a stop signal, so all skip or stop together.
+            norm = accelerator.clip_grad_norm_(model.parameters(), t.grad_clip or float("inf"))
+            status = torch.stack(
+                [
+                    (~torch.isfinite(norm.detach().float())).float(),
+                    torch.tensor(float(signals.received is not None), device=norm.device),
+                ]
+            )
+            nonfinite, stop = (accelerator.reduce(status, "sum") > 0).tolist()
+            if nonfinite:
+                optimizer.zero_grad(set_to_none=True)
+                progress.nonfinite += 1
+                in_a_row += 1
+                if in_a_row >= t.max_nonfinite:
+                    raise TrainingStopped(
+                        f"step {done}: {in_a_row} steps in a row had a non-finite loss or gradient; stopping. The last "
+                        f"good checkpoint is kept under {out_dir / 'checkpoints'} (lower train.lr, check the data)"
+                    )
+            else:
+                in_a_row = 0
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            scheduler.step()
+            with torch.no_grad():  # CLIP's clamp: a temperature below 0.01 destabilizes training
+                raw_model.logit_scale.clamp_(0, MAX_LOGIT_SCALE)
+            bar.update(1)
 
-        if done % t.log_every == 0 or done == t.steps:
-            value = accelerator.reduce(loss.detach(), "mean").item()  # the only host sync of a step, on log steps
-            now = time.perf_counter()
-            row = {
-                "step": done,
-                "loss": value,
-                "lr": scheduler.get_last_lr()[0],
-                "logit_scale": raw_model.logit_scale.exp().item(),
-                "samples_per_s": samples_per_step * (done - last_step) / (now - last_time),
-                "skipped": dict(skipped),
-            }
-            if getattr(raw_model, "logit_bias", None) is not None:
-                row["logit_bias"] = raw_model.logit_bias.item()
-            last_time, last_step = now, done
-            metrics_log.write(row)
-            bar.set_postfix(loss=f"{value:.3f}", T=f"{row['logit_scale']:.1f}", sps=f"{row['samples_per_s']:.0f}")
-            accelerator.log({k: v for k, v in row.items() if k != "skipped"}, step=done)
-            if not math.isfinite(value):
-                raise FloatingPointError(f"step {done}: loss is {value}; see {out_dir / 'metrics.jsonl'}")
+            if done % t.log_every == 0 or done == t.steps:
+                value = accelerator.reduce(loss.detach(), "mean").item()
+                now = time.perf_counter()
+                row = {
+                    "step": done,
+                    "loss": value,
+                    "lr": scheduler.get_last_lr()[0],
+                    "logit_scale": raw_model.logit_scale.exp().item(),
+                    "samples_per_s": samples_per_step * (done - last_step) / (now - last_time),
+                    "skipped": dict(skipped),
+                    "nonfinite_steps": progress.nonfinite,
+                }
+                if getattr(raw_model, "logit_bias", None) is not None:
+                    row["logit_bias"] = raw_model.logit_bias.item()
+                last_time, last_step = now, done
+                metrics_log.write(row)
+                bar.set_postfix(loss=f"{value:.3f}", T=f"{row['logit_scale']:.1f}", sps=f"{row['samples_per_s']:.0f}")
+                accelerator.log({k: v for k, v in row.items() if k != "skipped"}, step=done)
+                check_skip_rate(skipped, skipped_shards, progress.samples, recipe.data.max_skip_rate, done)
 
-        if t.checkpoint_every and done % t.checkpoint_every == 0 and done < t.steps:
-            save_checkpoint(accelerator, model, bundle.config, out_dir, done, recipe.name)
-        if recipe.eval.every and done % recipe.eval.every == 0 and done < t.steps:
-            if main:
-                flat = run_evals(recipe, bundle, raw_model, out_dir, done, device)
-                metrics_log.write({"step": done, **flat})
-                accelerator.log(flat, step=done)
-            accelerator.wait_for_everyone()
+            at_checkpoint = bool(t.checkpoint_every) and done % t.checkpoint_every == 0 and done < t.steps
+            at_eval = bool(recipe.eval.every) and done % recipe.eval.every == 0 and done < t.steps
+            flat = {}
+            if at_eval or (at_checkpoint and t.keep_best):
+                if main:
+                    flat = run_evals(recipe, bundle, raw_model, out_dir, done, device)
+                    metrics_log.write({"step": done, **flat})
+                    accelerator.log(flat, step=done)
+                accelerator.wait_for_everyone()
+            if at_checkpoint or (stop and done < t.steps):
+                checkpoint(done, flat)
+            if stop and done < t.steps:
+                preempted = done
+                break
+        else:
+            final = checkpoint(t.steps)
     bar.close()
 
-    final = save_checkpoint(accelerator, model, bundle.config, out_dir, t.steps, recipe.name)
     summary = {
-        "steps": t.steps,
+        "steps": progress.step,
         "world_size": world_size,
         "global_batch": samples_per_step,
         "final_loss": accelerator.reduce(loss.detach(), "mean").item(),
         "skipped": dict(skipped),
+        "nonfinite_steps": progress.nonfinite,
         "model": str(out_dir / "model"),
     }
-    if main:
+    if preempted is not None:
+        summary["preempted_at"] = preempted
+        if main:
+            print(
+                f"clipkit: stopped at step {preempted}: checkpoint saved; continue with --resume latest",
+                file=sys.stderr,
+            )
+    elif main:
         shutil.copytree(final / "model", out_dir / "model", dirs_exist_ok=True)
         flat = run_evals(recipe, bundle, raw_model, out_dir, t.steps, device) if recipe.eval.tasks else {}
         metrics_log.write({"step": t.steps, **flat})
         accelerator.log(flat, step=t.steps)
-        plot_metrics(out_dir / "metrics.jsonl", out_dir / "metrics.png")
         summary["eval"] = flat
         if recipe.index.shards:
             summary["index"] = build_run_index(recipe, bundle, raw_model, out_dir, device)
+    if main:
+        plot_metrics(out_dir / "metrics.jsonl", out_dir / "metrics.png")
         (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return summary
 
 
-def save_checkpoint(
-    accelerator: Accelerator, model: torch.nn.Module, config: dict, out_dir: Path, step: int, name: str
-) -> Path:
-    """Writes checkpoints/step-N/: Accelerate state (model, optimizer, scheduler, RNG of every process), a model
-    folder, progress.json; `COMPLETE` is written last, so a half-written checkpoint is never resumed from."""
-    ckpt = out_dir / "checkpoints" / f"step-{step:08d}"
-    accelerator.save_state(str(ckpt / "state"))
-    state = accelerator.get_state_dict(model)  # a collective under FSDP: every process calls it
-    if accelerator.is_main_process:
-        save_model(ckpt / "model", state, config, {"recipe": name, "step": step})
-        (ckpt / "progress.json").write_text(json.dumps({"step": step}))
-        (ckpt / "COMPLETE").write_text("")
-    accelerator.wait_for_everyone()
-    return ckpt
+def check_skip_rate(skipped: Counter, skipped_shards: Counter, samples: int, max_rate: float, step: int) -> None:
+    """Stops the run when too many samples were unusable (once MIN_SAMPLES_FOR_SKIP_RATE samples were read)."""
+    bad = sum(v for k, v in skipped.items() if k != "bad_shard")
+    seen = bad + samples
+    if seen >= MIN_SAMPLES_FOR_SKIP_RATE and bad / seen > max_rate:
+        raise TrainingStopped(
+            f"step {step}: {bad} of {seen} samples read were unusable ({dict(skipped)}), above "
+            f"data.max_skip_rate={max_rate}; worst shards: {worst_shards(skipped_shards)}"
+        )
 
 
 def build_run_index(recipe: Recipe, bundle: ModelBundle, model: torch.nn.Module, out_dir: Path, device) -> dict:

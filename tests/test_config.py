@@ -90,6 +90,14 @@ def test_missing_shards_are_refused_before_work(tmp_path):
         preflight(r)
 
 
+def test_unknown_architecture_is_refused_in_preflight(tmp_path):
+    from clipkit.train import preflight
+
+    r = load_recipe(QUICKSTART, ["model.config=null", "model.name=ViT-Q-99"])
+    with pytest.raises(RecipeError, match="model.name"):
+        preflight(r)
+
+
 def test_missing_recipe_file_and_non_mapping(tmp_path):
     with pytest.raises(RecipeError, match="not found"):
         load_recipe(tmp_path / "nope.yaml")

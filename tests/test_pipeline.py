@@ -146,15 +146,15 @@ def test_eval_samples_keep_json_and_all_captions(tmp_path):
 
 
 def test_epoch_mode_reshuffles_shards_each_epoch_and_covers_the_data(tmp_path):
-    from clipkit.train import epochs
+    from clipkit.train import positioned_batches
 
     urls = []
     for p in "abcdef":
         urls += make_set(tmp_path, p, 10)
     s = TrainStream([Source(tuple(urls))], 5, to_tensor, identity_tokenizer, resampled=False, shuffle_size=0)
-    batches = epochs(s, iter_loader(s))
-    first = [k for _ in range(12) for k in next(batches)["key"]]
-    second = [k for _ in range(12) for k in next(batches)["key"]]
+    batches = positioned_batches(s, iter_loader(s), epoch_len=12)
+    first = [k for _ in range(12) for k in next(batches)[0]["key"]]
+    second = [k for _ in range(12) for k in next(batches)[0]["key"]]
     everything = sorted(f"{p}_{i:04d}" for p in "abcdef" for i in range(10))
     assert sorted(first) == everything and sorted(second) == everything
     assert first != second and s.epoch.value == 1
@@ -164,3 +164,19 @@ def iter_loader(stream):
     from clipkit.data.pipeline import train_loader
 
     return train_loader(stream, workers=0)
+
+
+def test_positioned_batches_resume_mid_epoch_equals_uninterrupted(tmp_path):
+    """Re-entering at (epoch, consumed) yields exactly the batches an uninterrupted iteration yields from there."""
+    from clipkit.train import positioned_batches
+
+    urls = []
+    for p in "abcd":
+        urls += make_set(tmp_path, p, 10)
+    s = TrainStream([Source(tuple(urls))], 4, to_tensor, identity_tokenizer, seed=5, shuffle_size=8)
+    straight = positioned_batches(s, iter_loader(s), epoch_len=5)
+    reference = [next(straight) for _ in range(12)]  # crosses two segment boundaries
+    resumed = positioned_batches(s, iter_loader(s), epoch_len=5, epoch=1, consumed=2)
+    again = [next(resumed) for _ in range(5)]
+    assert [b["key"] for b, _ in again] == [b["key"] for b, _ in reference[7:12]]
+    assert [pos for _, pos in again] == [pos for _, pos in reference[7:12]] == [(1, 3), (1, 4), (1, 5), (2, 1), (2, 2)]

@@ -98,14 +98,28 @@ def decode_json(sample: dict) -> dict:
         raise SkipSample("bad_json", sample.get("__key__", "?")) from None
 
 
-def read_tar_samples(urls: Iterator[str], stats: Counter) -> Iterator[dict]:
-    """Samples of the given tar files in order; a broken or missing tar is counted (`bad_shard`) and skipped."""
+def read_tar_samples(urls: Iterator[str], stats: Counter, shard_stats: Counter | None = None) -> Iterator[dict]:
+    """Samples of the given tar files in order; a broken or missing tar is counted once (`bad_shard`) and skipped.
+
+    webdataset calls the handler for each failing read of a broken tar (the member, then the stream's end), so
+    errors are counted per shard opening, not per call.
+    """
+    current = {"url": "?", "counted": False}
 
     def handler(exn: Exception) -> bool:
-        stats["bad_shard"] += 1
+        if not current["counted"]:
+            current["counted"] = True
+            stats["bad_shard"] += 1
+            if shard_stats is not None:
+                shard_stats[current["url"]] += 1
         return True  # keep going with the next shard
 
-    yield from wds.tarfile_to_samples(handler=handler)({"url": u} for u in urls)
+    def tracked(us: Iterator[str]) -> Iterator[dict]:
+        for u in us:
+            current.update(url=u, counted=False)
+            yield {"url": u}
+
+    yield from wds.tarfile_to_samples(handler=handler)(tracked(urls))
 
 
 def shuffle_buffer(samples: Iterator, size: int, rng: random.Random) -> Iterator:
@@ -123,6 +137,22 @@ def shuffle_buffer(samples: Iterator, size: int, rng: random.Random) -> Iterator
         buf[i] = s
     rng.shuffle(buf)
     yield from buf
+
+
+def worker_info_is_worker() -> bool:
+    """True inside a DataLoader worker process (which owns its RNG)."""
+    return torch.utils.data.get_worker_info() is not None
+
+
+def _with_rng(generator: torch.Generator, fn: Callable, *args):
+    """Calls fn with torch's global RNG temporarily set to `generator`'s state, then advances `generator`."""
+    saved = torch.get_rng_state()
+    torch.set_rng_state(generator.get_state())
+    try:
+        return fn(*args)
+    finally:
+        generator.set_state(torch.get_rng_state())
+        torch.set_rng_state(saved)
 
 
 def worker_info() -> tuple[int, int]:
@@ -190,17 +220,19 @@ class TrainStream(torch.utils.data.IterableDataset):
         return n
 
     # -------------------------------------------------------------------------------------- sample streams
-    def _resampled_samples(self, rng: random.Random, stats: Counter) -> Iterator[dict]:
+    def _resampled_samples(self, rng: random.Random, stats: Counter, shard_stats: Counter) -> Iterator[dict]:
         def source_stream(src: Source, srng: random.Random) -> Iterator[dict]:
             urls = (srng.choice(src.urls) for _ in iter(int, 1))  # shards drawn with replacement, forever
-            return shuffle_buffer(read_tar_samples(urls, stats), self.shuffle_size, srng)
+            return shuffle_buffer(read_tar_samples(urls, stats, shard_stats), self.shuffle_size, srng)
 
         streams = [source_stream(s, random.Random(rng.getrandbits(63))) for s in self.sources]
         weights = [s.weight for s in self.sources]
         while True:
             yield next(rng.choices(streams, weights)[0])
 
-    def _epoch_samples(self, rng: random.Random, epoch: int, worker: int, workers: int, stats: Counter):
+    def _epoch_samples(
+        self, rng: random.Random, epoch: int, worker: int, workers: int, stats: Counter, shard_stats: Counter
+    ):
         urls = list(self.urls)
         random.Random(stream_seed(self.seed, epoch, -1, -1)).shuffle(urls)  # same order on every process
         mine = urls[self.rank :: self.world_size][worker::workers]
@@ -210,27 +242,38 @@ class TrainStream(torch.utils.data.IterableDataset):
                 "mode: use resampled mode or more shards"
             )
         while True:  # wrap around: the caller stops after a fixed number of batches
-            yield from shuffle_buffer(read_tar_samples(iter(mine), stats), self.shuffle_size, rng)
+            yield from shuffle_buffer(read_tar_samples(iter(mine), stats, shard_stats), self.shuffle_size, rng)
 
     # -------------------------------------------------------------------------------------------- batches
     def __iter__(self) -> Iterator[dict]:
         worker, workers = worker_info()
         epoch = self.epoch.value
-        rng = random.Random(stream_seed(self.seed, epoch, self.rank, worker))
+        seed = stream_seed(self.seed, epoch, self.rank, worker)
+        rng = random.Random(seed)
+        # Random augmentations draw from torch's global RNG. Seed it from the stream so a batch depends only on
+        # (seed, epoch, rank, worker): a worker process owns its RNG; in the main process (workers=0) the
+        # transforms run under a private RNG state, so loading never shifts the training RNG (exact resume).
+        transform_rng = torch.Generator().manual_seed(seed)
+        own_rng = worker_info_is_worker()
+        if own_rng:
+            torch.manual_seed(seed)
         stats: Counter = Counter()
+        shard_stats: Counter = Counter()
         if self.resampled:
-            samples, limit = self._resampled_samples(rng, stats), None
+            samples, limit = self._resampled_samples(rng, stats, shard_stats), None
         else:
-            samples, limit = self._epoch_samples(rng, epoch, worker, workers, stats), self.batches_per_worker(workers)
+            samples = self._epoch_samples(rng, epoch, worker, workers, stats, shard_stats)
+            limit = self.batches_per_worker(workers)
         produced = 0
         images, captions, keys = [], [], []
         for sample in samples:
             try:
                 img = decode_image(sample)
                 lines = decode_captions(sample)
-                tensor = self.transform(img)
+                tensor = self.transform(img) if own_rng else _with_rng(transform_rng, self.transform, img)
             except SkipSample as e:
                 stats[e.reason] += 1
+                shard_stats[sample.get("__url__", "?")] += 1
                 continue
             images.append(tensor)
             captions.append(lines[0] if self.caption == "first" else rng.choice(lines))
@@ -241,8 +284,10 @@ class TrainStream(torch.utils.data.IterableDataset):
                     "text": self.tokenizer(captions),
                     "key": keys,
                     "skipped": dict(stats),
+                    "skipped_shards": dict(shard_stats),
                 }
                 stats.clear()
+                shard_stats.clear()
                 images, captions, keys = [], [], []
                 produced += 1
                 if limit is not None and produced == limit:
@@ -250,10 +295,19 @@ class TrainStream(torch.utils.data.IterableDataset):
 
 
 def train_loader(stream: TrainStream, workers: int, prefetch_factor: int = 2) -> torch.utils.data.DataLoader:
-    """A DataLoader over a TrainStream (batches are built in the workers: batch_size=None)."""
+    """A DataLoader over a TrainStream (batches are built in the workers: batch_size=None).
+
+    The loader gets its own generator: starting an iterator then draws its base seed from it, not from torch's
+    global RNG, so restarting or fast-forwarding the data never shifts the training RNG.
+    """
     kwargs = dict(prefetch_factor=prefetch_factor, persistent_workers=False) if workers > 0 else {}
     return torch.utils.data.DataLoader(
-        stream, batch_size=None, num_workers=workers, worker_init_fn=_worker_init, **kwargs
+        stream,
+        batch_size=None,
+        num_workers=workers,
+        worker_init_fn=_worker_init,
+        generator=torch.Generator().manual_seed(stream.seed),
+        **kwargs,
     )
 
 

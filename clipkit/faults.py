@@ -1,0 +1,31 @@
+"""Fault injection for tests of what must survive faults (preemption, kills mid-write, non-finite gradients).
+
+`CLIPKIT_FAULT` holds comma-separated `name@step` entries, e.g. `sigterm@5,nan_grad@3`. Unset (always, outside
+tests), every check is a dictionary lookup on an empty dict.
+
+- `sigterm@k`: the process sends itself SIGTERM after step k (a preemption notice arriving mid-run).
+- `sigkill_in_checkpoint@k`: SIGKILL while writing the step-k checkpoint, after its state, before it is marked
+  complete (a machine lost mid-write).
+- `nan_grad@k`: the gradients of step k are set to NaN before the optimizer step.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+
+_FAULTS: dict[str, set[int]] = {}
+for _entry in filter(None, os.environ.get("CLIPKIT_FAULT", "").split(",")):
+    _name, _, _step = _entry.partition("@")
+    _FAULTS.setdefault(_name.strip(), set()).add(int(_step))
+
+
+def armed(name: str, step: int) -> bool:
+    """Whether fault `name` is set for `step`."""
+    return step in _FAULTS.get(name, ())
+
+
+def maybe_signal(name: str, step: int, sig: signal.Signals) -> None:
+    """Sends `sig` to this process if fault `name` is set for `step`."""
+    if armed(name, step):
+        os.kill(os.getpid(), sig)
