@@ -16,6 +16,7 @@ import signal
 import sys
 import time
 from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -31,6 +32,7 @@ from clipkit.data.shards import expand_shards
 from clipkit.evaluate import run as evals
 from clipkit.loss import ContrastiveLoss
 from clipkit.models import ModelBundle, create_model
+from clipkit.models.factory import resolve_config
 from clipkit.optim import make_optimizer, make_scheduler
 from clipkit.plots import plot_metrics
 from clipkit.step import forward_backward
@@ -57,8 +59,6 @@ def preflight(recipe: Recipe) -> dict[str, list[str]]:
         RecipeError: naming the key whose files are missing.
     """
     if recipe.model.name is not None:
-        from clipkit.models.factory import resolve_config
-
         resolve_config(recipe.model)  # an unknown architecture fails here, naming model.name
     shards = {}
     specs = [(f"data.sources.{i}.shards", s.shards) for i, s in enumerate(recipe.data.sources)]
@@ -100,19 +100,12 @@ def make_accelerator(recipe: Recipe, out_dir: Path) -> Accelerator:
 
 
 def build_bundle(recipe: Recipe) -> ModelBundle:
-    """The recipe's model; SigLIP needs the learnable bias and its own initial scale."""
+    """The recipe's model; SigLIP needs the learnable bias and its own initial scale (unless the config sets them)."""
     if recipe.train.loss != "siglip":
         return create_model(recipe.model)
-    cfg = recipe.model
-    if cfg.config is not None:
-        config = {**SIGLIP_INIT, **cfg.config}
-    else:  # a named architecture: copy its config and add the SigLIP init
-        from clipkit.models.factory import resolve_config
-
-        config = {**SIGLIP_INIT, **resolve_config(cfg)["model_cfg"]}
-    from dataclasses import replace
-
-    return create_model(replace(cfg, name=None, config=config))
+    resolved = resolve_config(recipe.model)
+    config = {**SIGLIP_INIT, **resolved["model_cfg"], "preprocess_cfg": resolved["preprocess_cfg"]}
+    return create_model(replace(recipe.model, name=None, config=config))
 
 
 def positioned_batches(stream: TrainStream, loader, epoch_len: int, epoch: int = 0, consumed: int = 0):
