@@ -111,11 +111,17 @@ def test_query_dim_mismatch_raises(data):
 
 def test_choose_factory():
     assert choose_factory(FLAT_MAX_VECTORS, 512) == "Flat"
-    large = choose_factory(5_000_000, 512)
-    assert large != "Flat" and large.startswith("IVF")
-    assert choose_factory(500_000, 512).startswith("HNSW")
-    # A tight budget forces compressed codes, fewer bytes per vector for less memory.
-    assert choose_factory(500_000, 512, memory_budget_bytes=100_000_000).startswith("IVF")
+    assert choose_factory(FLAT_MAX_VECTORS + 1, 128) == "IVF1024,Flat"
+    assert choose_factory(500_000, 512) == "IVF2048,Flat"  # 4 sqrt(n) = 2828 -> the nearest power of two
+    # Beyond IVF-Flat's range: PQ codes (re-ranked from disk), with an OPQ rotation at d >= 64.
+    assert choose_factory(5_000_000, 512) == "OPQ64,IVF8192,PQ64x8"
+    assert choose_factory(5_000_000, 32) == "IVF8192,PQ8x8"
+    # A tight budget forces compressed codes, and fewer lists: half the budget must hold 39 training rows per list.
+    assert choose_factory(500_000, 512, memory_budget_bytes=100_000_000) == "OPQ64,IVF512,PQ64x8"
+    assert choose_factory(500_000, 512, memory_budget_bytes=42_000_000) == "OPQ64,IVF256,PQ64x8"
+    assert choose_factory(500_000, 512, memory_budget_bytes=45_000_000).startswith("OPQ64,IVF256,")
+    with pytest.raises(ValueError, match="training rows"):  # PQ codebooks need 9984 rows: 20 MB at d=512
+        choose_factory(500_000, 512, memory_budget_bytes=30_000_000)
     with pytest.raises(ValueError, match="memory_budget"):
         choose_factory(5_000_000, 512, memory_budget_bytes=1_000)
 

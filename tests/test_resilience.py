@@ -241,3 +241,16 @@ def test_too_much_bad_data_stops_naming_the_worst_shard(tmp_path, planted, monke
     err = capsys.readouterr().err
     faulty = sorted(root.glob("train-*.tar"))
     assert "max_skip_rate" in err and any(p.name in err for p in faulty)
+
+
+def test_retention_spares_the_best_checkpoint_and_drops_stale_incomplete_ones(tmp_path):
+    from clipkit.checkpoint import COMPLETE, Progress, prune_checkpoints
+
+    for step, acc in [(2, 0.5), (4, 0.9), (6, 0.7), (8, 0.6)]:
+        d = tmp_path / "checkpoints" / f"step-{step:08d}"
+        d.mkdir(parents=True)
+        (d / "progress.json").write_text(json.dumps(vars(Progress(step=step, metrics={"eval/x/acc1": acc}))))
+        (d / COMPLETE).write_text("")
+    (tmp_path / "checkpoints" / "step-00000007").mkdir()  # a killed write: older than the newest complete one
+    prune_checkpoints(tmp_path, keep_last=1, keep_best="eval/x/acc1")
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-00000004", "step-00000008"]

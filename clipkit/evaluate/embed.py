@@ -1,16 +1,37 @@
-"""Encoding images and texts to L2-normalized float32 numpy arrays: the only torch code of evaluation."""
+"""Encoding images and texts to L2-normalized float32 numpy arrays, and exporting them (single folder or parts).
+
+The only torch code of evaluation. Folder layouts are described in `clipkit.index`, which reads them.
+"""
 
 from __future__ import annotations
 
+import json
+import logging
+import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from clipkit.data.pipeline import iter_eval_samples
+from clipkit.data.shards import read_sizes, write_json_atomic
+from clipkit.index import (
+    EMBED_INFO_FILE,
+    IMAGE_EMB_FILE,
+    META_FILE,
+    META_PARQUET_FILE,
+    PART_INFO_FILE,
+    PARTS_DIR,
+    TEXT_EMB_FILE,
+    TEXT_TO_IMAGE_FILE,
+    write_meta,
+)
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -88,11 +109,39 @@ def embed_shards(
         device: where the model lives.
         texts: also embed every caption line (False for zero-shot, where class prompts are the texts).
         desc: progress bar label.
+
+    Raises:
+        ValueError: if no sample of the shards is usable.
+    """
+    with tqdm(desc=desc, unit="sample", disable=None) as bar:
+        emb = embed_samples(model, transform, tokenizer, urls, batch_size, device, texts, bar)
+    if not emb.meta:
+        raise ValueError(f"no usable sample in {len(urls)} shard(s) starting {urls[:1]} (skipped: {emb.skipped})")
+    return emb
+
+
+@torch.no_grad()
+def embed_samples(
+    model: torch.nn.Module,
+    transform: Callable,
+    tokenizer: Callable,
+    urls: Sequence[str],
+    batch_size: int = 256,
+    device: str | torch.device = "cpu",
+    texts: bool = True,
+    bar: tqdm | None = None,
+    samples: Iterable[dict] | None = None,
+) -> Embeddings:
+    """`embed_shards` without the emptiness check: shards without usable samples give [0, D] arrays.
+
+    Args:
+        samples: {"key", "image" (PIL), "captions", "json"} dicts to embed instead of the shards' (e.g. an
+            image folder's); `urls` is then ignored.
+        Others: as in `embed_shards`; `bar` is a progress bar to advance by samples.
     """
     stats: Counter = Counter()
     image_rows, meta, captions, owners = [], [], [], []
-    bar = tqdm(desc=desc, unit="img", disable=None)
-    for chunk in _batched(iter_eval_samples(urls, stats), batch_size):
+    for chunk in _batched(samples if samples is not None else iter_eval_samples(urls, stats), batch_size):
         pixels = torch.stack([transform(s["image"]) for s in chunk]).to(device)
         image_rows.append(encode_images(model, pixels))
         for s in chunk:
@@ -100,12 +149,22 @@ def embed_shards(
                 owners.extend([len(meta)] * len(s["captions"]))
                 captions.extend(s["captions"])
             meta.append({"key": s["key"], "captions": s["captions"], **s["json"]})
-        bar.update(len(chunk))
-    bar.close()
-    if not meta:
-        raise ValueError(f"no usable sample in {len(urls)} shard(s) starting {urls[:1]} (skipped: {dict(stats)})")
-    text = encode_texts(model, tokenizer, captions, batch_size, device) if texts else np.zeros((0, 0), np.float32)
-    return Embeddings(np.concatenate(image_rows), text, np.asarray(owners, np.int64), meta, dict(stats))
+        if bar is not None:
+            bar.update(len(chunk))
+    if texts:
+        text = encode_texts(model, tokenizer, captions, batch_size, device)
+        if not captions:
+            text = np.zeros((0, embed_dim(model, tokenizer, device)), np.float32)
+    else:
+        text = np.zeros((0, 0), np.float32)
+    image = np.concatenate(image_rows) if image_rows else np.zeros((0, embed_dim(model, tokenizer, device)), np.float32)
+    return Embeddings(image, text, np.asarray(owners, np.int64), meta, dict(stats))
+
+
+@torch.no_grad()
+def embed_dim(model: torch.nn.Module, tokenizer: Callable, device: str | torch.device = "cpu") -> int:
+    """The joint embedding dim (encodes one word: towers differ in where they keep it)."""
+    return int(model.encode_text(tokenizer(["a"]).to(device)).shape[-1])
 
 
 def save_embeddings(out_dir, emb: Embeddings, info: dict, dtype: str = "float32") -> None:
@@ -117,9 +176,6 @@ def save_embeddings(out_dir, emb: Embeddings, info: dict, dtype: str = "float32"
         info: facts stored in embed.json (model, shards).
         dtype: "float32" or "float16" for the stored vectors.
     """
-    import json
-    from pathlib import Path
-
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     np.save(out / "image_emb.npy", emb.image.astype(dtype))
@@ -130,3 +186,170 @@ def save_embeddings(out_dir, emb: Embeddings, info: dict, dtype: str = "float32"
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
     facts = {"dim": int(emb.image.shape[1]), "n_images": len(emb.meta), "n_texts": len(emb.text), "dtype": dtype}
     (out / "embed.json").write_text(json.dumps({**info, **facts, "skipped": emb.skipped}, indent=2))
+
+
+def part_name(i: int) -> str:
+    """The folder name of part i (one part per input shard)."""
+    return f"part-{i:05d}"
+
+
+def embed_parts(
+    model: torch.nn.Module,
+    transform: Callable,
+    tokenizer: Callable,
+    urls: Sequence[str],
+    out_dir: Path,
+    *,
+    batch_size: int = 256,
+    device: str | torch.device = "cpu",
+    dtype: str = "float32",
+    meta_format: str = "jsonl",
+    texts: bool = True,
+    rank: int = 0,
+    world_size: int = 1,
+    info: dict | None = None,
+) -> dict:
+    """Embeds shards into a parts-layout embedding folder; this process does parts rank::world_size.
+
+    Part i holds shard urls[i]: `out_dir/parts/part-0000i/` gets image_emb.npy, text_emb.npy, text_to_image.npy,
+    meta.jsonl (or meta.parquet) and, last, part.json (the done-marker: shard, counts, dtype, model). A part whose
+    part.json exists and matches this run is skipped, so a rerun resumes. The process that finds every part
+    done writes `out_dir/embed.json` ({"layout": "parts", "parts", "dim", "n_images", "n_texts", ...}); each
+    process writes only its own parts, so any number of processes (torchrun, separate machines with a shared
+    folder) can work on one export.
+
+    Args:
+        model: the dual encoder, in eval mode.
+        transform: the eval image transform.
+        tokenizer: the model's tokenizer.
+        urls: shard paths; their order fixes the part numbers (keep it across reruns).
+        out_dir: the embedding folder.
+        batch_size: images (and captions) per forward pass.
+        device: where the model lives.
+        dtype: "float32" or "float16" for the stored vectors.
+        meta_format: "jsonl" or "parquet".
+        texts: also embed every caption line.
+        rank: this process's rank.
+        world_size: number of processes.
+        info: facts stored in embed.json and part.json (model, ...).
+
+    Returns:
+        {"embedded": parts done now, "skipped": parts found done, "complete": whether embed.json was written,
+        "samples_per_second"}.
+
+    Raises:
+        ValueError: on a bad dtype/meta_format/rank, or a part made by another run (other shard, model or dtype);
+            or if out_dir holds a single-layout export.
+    """
+    if dtype not in ("float32", "float16"):
+        raise ValueError(f"dtype must be float32 or float16, got {dtype!r}")
+    if meta_format not in ("jsonl", "parquet"):
+        raise ValueError(f"meta_format must be jsonl or parquet, got {meta_format!r}")
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
+    out_dir = Path(out_dir)
+    if (out_dir / IMAGE_EMB_FILE).exists():
+        raise ValueError(f"{out_dir / IMAGE_EMB_FILE}: {out_dir} holds a single-folder export; use a new --out")
+    info = dict(info or {})
+    recipe = {"model": info.get("model"), "dtype": dtype, "meta_format": meta_format, "texts": texts}
+    mine = list(range(rank, len(urls), world_size))
+    todo, found = [], []
+    for i in mine:
+        if _part_matches(out_dir / PARTS_DIR / part_name(i), urls[i], recipe):
+            found.append(part_name(i))
+        else:
+            todo.append(i)
+    total = _known_samples([urls[i] for i in todo])
+    t0, n_done = time.perf_counter(), 0
+    with tqdm(total=total, desc=f"embed rank {rank}/{world_size}", unit="sample", disable=None) as bar:
+        for i in todo:
+            part_dir = out_dir / PARTS_DIR / part_name(i)
+            t_part = time.perf_counter()
+            emb = embed_samples(model, transform, tokenizer, [urls[i]], batch_size, device, texts, bar)
+            _write_part(part_dir, emb, {**recipe, "shard": urls[i], "index": i}, dtype, meta_format)
+            n_done += len(emb.meta)
+            log.info(
+                "%s: %d samples from %s, %.1f samples/s",
+                part_name(i),
+                len(emb.meta),
+                urls[i],
+                len(emb.meta) / max(time.perf_counter() - t_part, 1e-9),
+            )
+    speed = n_done / max(time.perf_counter() - t0, 1e-9)
+    complete = _write_manifest_if_complete(out_dir, urls, recipe, info)
+    return {
+        "embedded": [part_name(i) for i in todo],
+        "skipped": found,
+        "complete": complete,
+        "samples_per_second": speed,
+    }
+
+
+def _part_matches(part_dir: Path, url: str, recipe: dict) -> bool:
+    """Whether part_dir is finished (part.json exists) by a run with this shard and settings; else False.
+
+    Raises:
+        ValueError: if it is finished but by another run (mixing would corrupt the export).
+    """
+    marker = part_dir / PART_INFO_FILE
+    if not marker.is_file():
+        return False
+    try:
+        done = json.loads(marker.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return False  # a damaged marker: redo the part
+    mine = {"shard": str(url), **recipe}
+    diff = {k: (done.get(k), v) for k, v in mine.items() if done.get(k) != v}
+    if diff:
+        raise ValueError(f"{marker}: made by another run ({diff}: found vs now); use a new --out or delete it")
+    return True
+
+
+def _write_part(part_dir: Path, emb: Embeddings, facts: dict, dtype: str, meta_format: str) -> None:
+    part_dir.mkdir(parents=True, exist_ok=True)
+    (part_dir / PART_INFO_FILE).unlink(missing_ok=True)  # redoing a part: it is not done until the end
+    np.save(part_dir / IMAGE_EMB_FILE, emb.image.astype(dtype))
+    if facts["texts"]:
+        np.save(part_dir / TEXT_EMB_FILE, emb.text.astype(dtype))
+        np.save(part_dir / TEXT_TO_IMAGE_FILE, emb.text_to_image)
+    meta_name = META_PARQUET_FILE if meta_format == "parquet" else META_FILE
+    for stale in (META_FILE, META_PARQUET_FILE):
+        if stale != meta_name:
+            (part_dir / stale).unlink(missing_ok=True)
+    write_meta(part_dir / meta_name, emb.meta)
+    counts = {"n_images": len(emb.meta), "n_texts": len(emb.text), "dim": int(emb.image.shape[1])}
+    write_json_atomic(part_dir / PART_INFO_FILE, {**facts, **counts, "skipped": emb.skipped})
+
+
+def _write_manifest_if_complete(out_dir: Path, urls: Sequence[str], recipe: dict, info: dict) -> bool:
+    parts = []
+    for i in range(len(urls)):
+        marker = out_dir / PARTS_DIR / part_name(i) / PART_INFO_FILE
+        if not marker.is_file():
+            return False  # another process is still on it: the last one to finish writes the manifest
+        parts.append(json.loads(marker.read_text(encoding="utf-8")))
+    skipped: Counter = Counter()
+    for p in parts:
+        skipped.update(p.get("skipped", {}))
+    dims = {p["dim"] for p in parts if p["n_images"]}
+    manifest = {
+        **info,
+        **recipe,
+        "layout": "parts",
+        "parts": [part_name(i) for i in range(len(urls))],
+        "shards": [str(u) for u in urls],
+        "dim": dims.pop() if len(dims) == 1 else None,
+        "n_images": sum(p["n_images"] for p in parts),
+        "n_texts": sum(p["n_texts"] for p in parts),
+        "skipped": dict(skipped),
+    }
+    write_json_atomic(out_dir / EMBED_INFO_FILE, manifest)
+    return True
+
+
+def _known_samples(urls: Sequence[str]) -> int | None:
+    """Total samples of the shards from their sizes.json, or None when unknown (the bar then has no total)."""
+    try:
+        return sum(read_sizes(list(urls)))
+    except (FileNotFoundError, KeyError, ValueError):
+        return None
