@@ -166,3 +166,25 @@ def test_two_process_quickstart_runs(tmp_path, quickstart_data):
 def test_fsdp_on_cpu_is_refused_before_work(recipe_file, capsys):
     assert main(["train", str(recipe_file), "train.fsdp=true"]) == 2
     assert "train.fsdp" in capsys.readouterr().err
+
+
+def test_model_folder_loads_in_open_clip_unchanged(run_dir):
+    """A clipkit model folder is an open_clip `local-dir:` folder: same embeddings, no converter."""
+    import open_clip
+    import torch
+
+    from clipkit.models import load_model
+
+    ours = load_model(run_dir / "model")
+    theirs, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{run_dir / 'model'}")
+    theirs.eval()
+    tokenizer = open_clip.get_tokenizer(f"local-dir:{run_dir / 'model'}")
+    images = torch.randn(4, 3, 16, 16)
+    texts = ["the number one", "a handwritten digit two", "three", "the digit nine"]
+    with torch.no_grad():
+        assert torch.equal(ours.tokenizer(texts), tokenizer(texts))
+        for a, b in [
+            (ours.model.encode_image(images), theirs.encode_image(images)),
+            (ours.model.encode_text(ours.tokenizer(texts)), theirs.encode_text(tokenizer(texts))),
+        ]:
+            assert (a - b).abs().max().item() < 1e-6
