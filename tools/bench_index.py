@@ -39,6 +39,7 @@ from clipkit.index import (
     recall_at_k,
     search,
     set_search_params,
+    single_query_qps,
     tune_search_params,
 )
 
@@ -72,13 +73,9 @@ def qps_batch(fn, queries: np.ndarray, repeats: int = 3) -> float:
     return len(queries) / best
 
 
-def qps_single(fn, queries: np.ndarray, seconds: float = 3.0) -> float:
-    """Queries/s answering one query per call, for about `seconds`."""
-    done, t0 = 0, time.perf_counter()
-    while done < len(queries) and (done < 10 or time.perf_counter() - t0 < seconds):
-        fn(queries[done : done + 1])
-        done += 1
-    return done / (time.perf_counter() - t0)
+def qps_single(fn, queries: np.ndarray) -> float:
+    """Queries/s answering one query per call, for about 3 s (at least 10 queries)."""
+    return single_query_qps(fn, queries, seconds=3.0, min_queries=10)
 
 
 def main() -> int:

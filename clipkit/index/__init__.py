@@ -87,6 +87,7 @@ from clipkit.index.measure import (
     SINGLE_QUERY_SECONDS,
     evaluate_index,
     peak_rss_bytes,
+    single_query_qps,
     tune_search_params,
 )
 from clipkit.index.rows import TAKE_WINDOW_ROWS, MappedRows
@@ -166,6 +167,7 @@ __all__ = [
     "count_meta_rows",
     "estimate_index_bytes",
     "evaluate_index",
+    "single_query_qps",
     "exact_search",
     "get_search_params",
     "image_rows",

@@ -111,8 +111,8 @@ def evaluate_index(
     ids = _search_ids(index, q, k, rerank_vectors, exclude, rerank_factor)
     approx_seconds = time.perf_counter() - t0
     extra = int(exclude is not None)
-    single = _single_query_qps(lambda row: search(index, row, k + extra, rerank_vectors, rerank_factor), q)
-    exact_single = _single_query_qps(lambda row: exact_search(vectors, row, k + extra, metric), q)
+    single = single_query_qps(lambda row: search(index, row, k + extra, rerank_vectors, rerank_factor), q)
+    exact_single = single_query_qps(lambda row: exact_search(vectors, row, k + extra, metric), q)
     return {
         "k": int(k),
         "n_queries": len(q),
@@ -153,10 +153,12 @@ def _drop(ids: np.ndarray, exclude: np.ndarray, k: int) -> np.ndarray:
     return out
 
 
-def _single_query_qps(fn: Any, queries: np.ndarray, seconds: float = SINGLE_QUERY_SECONDS) -> float:
-    """Queries/s answering one query per call, for about `seconds` (at least 3 queries)."""
+def single_query_qps(
+    fn: Any, queries: np.ndarray, seconds: float = SINGLE_QUERY_SECONDS, min_queries: int = 3
+) -> float:
+    """Queries/s answering one query per call, for about `seconds` (at least `min_queries` queries)."""
     done, t0 = 0, time.perf_counter()
-    while done < len(queries) and (done < 3 or time.perf_counter() - t0 < seconds):
+    while done < len(queries) and (done < min_queries or time.perf_counter() - t0 < seconds):
         fn(queries[done : done + 1])
         done += 1
     return done / (time.perf_counter() - t0)
