@@ -1,7 +1,8 @@
 """Training checkpoints: what a run needs to continue exactly, written so that a crash never leaves a bad one.
 
 `<run>/checkpoints/step-N/` holds Accelerate's state (model, optimizer, scheduler, grad scaler, every process's
-RNG), a model folder (open_clip-loadable), and `progress.json` (the step, the data position, the counters).
+RNG), a model folder (open_clip-loadable), and `progress-R.json` per process R (the step, the data position, and
+that process's counters: each process reads its own back on resume).
 `COMPLETE` is written last: a folder without it (a process killed mid-write) is never resumed from, and old
 checkpoints are removed only after a newer one is complete.
 """
@@ -32,8 +33,8 @@ class Progress:
         step: optimizer steps done.
         epoch: the data epoch (epoch mode) or segment (resampled mode) being read.
         consumed: batches of that epoch or segment consumed by the main process of each rank.
-        skipped: unusable samples by reason, over the whole run.
-        skipped_shards: unusable samples (or broken tars) by shard, over the whole run.
+        skipped: this process's unusable samples by reason, over the whole run.
+        skipped_shards: this process's unusable samples (or broken tars) by shard, over the whole run.
         samples: usable samples consumed by this process.
         nonfinite: steps skipped for a non-finite loss or gradient.
         metrics: eval metrics at this step, if evals ran here.
@@ -75,8 +76,13 @@ def find_checkpoint(out_dir: Path, resume: str) -> Path:
     return path
 
 
-def load_progress(ckpt: Path) -> Progress:
-    return Progress(**json.loads((ckpt / "progress.json").read_text()))
+def progress_file(ckpt: Path, rank: int) -> Path:
+    return ckpt / f"progress-{rank}.json"
+
+
+def load_progress(ckpt: Path, rank: int = 0) -> Progress:
+    """Process `rank`'s progress record of a checkpoint (step, data position and metrics are the same on all)."""
+    return Progress(**json.loads(progress_file(ckpt, rank).read_text()))
 
 
 def save_checkpoint(
@@ -89,7 +95,7 @@ def save_checkpoint(
         model: the prepared (wrapped) model.
         config: the open_clip config of the model folder.
         out_dir: the run folder.
-        progress: what progress.json records.
+        progress: this process's progress record.
         name: the recipe name, kept in the model folder's info.
     """
     ckpt = checkpoint_dir(out_dir, progress.step)
@@ -100,9 +106,10 @@ def save_checkpoint(
     state = accelerator.get_state_dict(model)  # a collective under FSDP: every process calls it
     if accelerator.is_main_process:
         save_model(ckpt / "model", state, config, {"recipe": name, "step": progress.step})
-        tmp = ckpt / ".progress.json.tmp"
-        tmp.write_text(json.dumps(asdict(progress), indent=2))
-        os.replace(tmp, ckpt / "progress.json")
+    target = progress_file(ckpt, accelerator.process_index)
+    tmp = target.with_name(f".{target.name}.tmp")
+    tmp.write_text(json.dumps(asdict(progress), indent=2))
+    os.replace(tmp, target)
     accelerator.wait_for_everyone()
     faults.maybe_signal("sigkill_in_checkpoint", progress.step, signal.SIGKILL)
     if accelerator.is_main_process:

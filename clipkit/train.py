@@ -39,14 +39,12 @@ from clipkit.step import forward_backward
 
 log = logging.getLogger("clipkit")
 MIN_SAMPLES_FOR_SKIP_RATE = 1000  # the skip rate of the first few batches says little about a data set
+MAX_LOGIT_SCALE = math.log(100.0)
+SIGLIP_INIT = {"init_logit_scale": math.log(10.0), "init_logit_bias": -10.0}  # from the SigLIP paper
 
 
 class TrainingStopped(RuntimeError):
     """The run stopped itself for a reason it names (too much bad data, non-finite steps in a row)."""
-
-
-MAX_LOGIT_SCALE = math.log(100.0)
-SIGLIP_INIT = {"init_logit_scale": math.log(10.0), "init_logit_bias": -10.0}  # from the SigLIP paper
 
 
 def preflight(recipe: Recipe) -> dict[str, list[str]]:
@@ -239,7 +237,7 @@ def train(recipe: Recipe, out_dir: str | Path, resume: str | None = None) -> dic
     if resume is not None:
         ckpt = find_checkpoint(out_dir, resume)
         accelerator.load_state(str(ckpt / "state"))
-        progress = load_progress(ckpt)
+        progress = load_progress(ckpt, rank)
         if main:
             log.info("resumed from %s at step %d", ckpt, progress.step)
 
@@ -335,6 +333,7 @@ def train(recipe: Recipe, out_dir: str | Path, resume: str | None = None) -> dic
 
             if done % t.log_every == 0 or done == t.steps:
                 value = accelerator.reduce(loss.detach(), "mean").item()
+                all_skips = sum_over_processes(accelerator, skipped, skipped_shards, progress.samples)
                 now = time.perf_counter()
                 row = {
                     "step": done,
@@ -342,7 +341,7 @@ def train(recipe: Recipe, out_dir: str | Path, resume: str | None = None) -> dic
                     "lr": scheduler.get_last_lr()[0],
                     "logit_scale": raw_model.logit_scale.exp().item(),
                     "samples_per_s": samples_per_step * (done - last_step) / (now - last_time),
-                    "skipped": dict(skipped),
+                    "skipped": dict(all_skips[0]),
                     "nonfinite_steps": progress.nonfinite,
                 }
                 if getattr(raw_model, "logit_bias", None) is not None:
@@ -351,7 +350,7 @@ def train(recipe: Recipe, out_dir: str | Path, resume: str | None = None) -> dic
                 metrics_log.write(row)
                 bar.set_postfix(loss=f"{value:.3f}", T=f"{row['logit_scale']:.1f}", sps=f"{row['samples_per_s']:.0f}")
                 accelerator.log({k: v for k, v in row.items() if k != "skipped"}, step=done)
-                check_skip_rate(skipped, skipped_shards, progress.samples, recipe.data.max_skip_rate, done)
+                check_skip_rate(*all_skips, recipe.data.max_skip_rate, done)
 
             at_checkpoint = bool(t.checkpoint_every) and done % t.checkpoint_every == 0 and done < t.steps
             at_eval = bool(recipe.eval.every) and done % recipe.eval.every == 0 and done < t.steps
@@ -376,7 +375,7 @@ def train(recipe: Recipe, out_dir: str | Path, resume: str | None = None) -> dic
         "world_size": world_size,
         "global_batch": samples_per_step,
         "final_loss": accelerator.reduce(loss.detach(), "mean").item(),
-        "skipped": dict(skipped),
+        "skipped": dict(sum_over_processes(accelerator, skipped, skipped_shards, progress.samples)[0]),
         "nonfinite_steps": progress.nonfinite,
         "model": str(out_dir / "model"),
     }
@@ -401,6 +400,23 @@ def train(recipe: Recipe, out_dir: str | Path, resume: str | None = None) -> dic
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return summary
+
+
+def sum_over_processes(
+    accelerator: Accelerator, skipped: Counter, skipped_shards: Counter, samples: int
+) -> tuple[Counter, Counter, int]:
+    """Skip counts and usable samples summed over all processes (a small object gather; every process calls it,
+    so every process takes the same decision from them)."""
+    if accelerator.num_processes == 1:
+        return skipped, skipped_shards, samples
+    from accelerate.utils import gather_object
+
+    parts = gather_object([(dict(skipped), dict(skipped_shards), samples)])
+    reasons, shards = Counter(), Counter()
+    for r, s, _ in parts:
+        reasons.update(r)
+        shards.update(s)
+    return reasons, shards, sum(n for _, _, n in parts)
 
 
 def check_skip_rate(skipped: Counter, skipped_shards: Counter, samples: int, max_rate: float, step: int) -> None:

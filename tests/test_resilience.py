@@ -249,7 +249,7 @@ def test_retention_spares_the_best_checkpoint_and_drops_stale_incomplete_ones(tm
     for step, acc in [(2, 0.5), (4, 0.9), (6, 0.7), (8, 0.6)]:
         d = tmp_path / "checkpoints" / f"step-{step:08d}"
         d.mkdir(parents=True)
-        (d / "progress.json").write_text(json.dumps(vars(Progress(step=step, metrics={"eval/x/acc1": acc}))))
+        (d / "progress-0.json").write_text(json.dumps(vars(Progress(step=step, metrics={"eval/x/acc1": acc}))))
         (d / COMPLETE).write_text("")
     (tmp_path / "checkpoints" / "step-00000007").mkdir()  # a killed write: older than the newest complete one
     prune_checkpoints(tmp_path, keep_last=1, keep_best="eval/x/acc1")
