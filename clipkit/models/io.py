@@ -1,8 +1,9 @@
 """Model folders: open_clip-loadable weights (safetensors) and config, plus clipkit's own info.
 
 A model folder holds `open_clip_config.json` ({"model_cfg", "preprocess_cfg"}) and
-`open_clip_model.safetensors`: exactly what `open_clip.create_model_and_transforms("local-dir:DIR")` reads.
-Loading never unpickles: weights are safetensors only.
+`open_clip_model.safetensors`: exactly what `open_clip.create_model_and_transforms("local-dir:DIR")` reads. With an
+HF text tower the folder also holds that tokenizer's files, because open_clip's `get_tokenizer("local-dir:DIR")`
+reads them from DIR. Loading never unpickles: weights are safetensors only.
 """
 
 from __future__ import annotations
@@ -51,7 +52,28 @@ def save_model(
         tmp = out_dir / f".{name}.tmp"
         tmp.write_text(json.dumps(payload, indent=2, default=list))
         os.replace(tmp, out_dir / name)
+    save_tokenizer(out_dir, config)
     return out_dir
+
+
+def save_tokenizer(out_dir: Path, config: dict) -> None:
+    """Writes an HF text tower's tokenizer files into `out_dir` (the CLIP BPE ships with open_clip: nothing to do)."""
+    name = config["model_cfg"]["text_cfg"].get("hf_tokenizer_name")
+    if name and Path(name).resolve() != Path(out_dir).resolve():
+        from transformers import AutoTokenizer
+
+        AutoTokenizer.from_pretrained(name).save_pretrained(str(out_dir))
+
+
+def _relocate_hf_tower(config: dict, folder: Path) -> dict:
+    # An exported folder names itself as its HF tower; after a move that path is gone, but the files came along.
+    text_cfg = config["model_cfg"]["text_cfg"]
+    for key in ("hf_model_name", "hf_tokenizer_name"):
+        name = text_cfg.get(key)
+        if name and Path(name).is_absolute() and not Path(name).exists():
+            if (folder / "config.json").is_file() or key == "hf_tokenizer_name":
+                text_cfg[key] = str(folder)
+    return config
 
 
 def load_model(path: Path, device: str | torch.device = "cpu") -> ModelBundle:
@@ -68,7 +90,8 @@ def load_model(path: Path, device: str | torch.device = "cpu") -> ModelBundle:
     for f in (cfg_file, weights):
         if not f.is_file():
             raise FileNotFoundError(f"{f}: not found; a clipkit model folder holds {CONFIG_NAME} and {WEIGHTS_NAME}")
-    bundle = bundle_from_config(json.loads(cfg_file.read_text()), load_tower_weights=False)
+    config = _relocate_hf_tower(json.loads(cfg_file.read_text()), path.resolve())
+    bundle = bundle_from_config(config, load_tower_weights=False)
     state = load_file(str(weights))
     missing, unexpected = bundle.model.load_state_dict(state, strict=False)
     if missing or unexpected:
