@@ -277,6 +277,9 @@ def test_emoji_grinning_face_sample(emoji_build):
     assert "grin" in lines[1].split(", ")
     assert "grin" in meta["keywords"]
     assert meta["codepoints"] == "1F600" and meta["group"] == "Smileys & Emotion" and meta["split"] == split
+    classnames = (out / "classnames.txt").read_text().splitlines()
+    assert meta["label"] == 0 and classnames[0] == "smileys & emotion" and classnames[-1] == "flags"
+    assert len(classnames) == 9 and "component" not in classnames  # components are not fully qualified
     image = _image(sample)
     assert image.mode == "RGB" and image.size == (72, 72)
     assert np.asarray(image).min() < 200  # drawn, not a blank white square

@@ -7,6 +7,9 @@ Kept: fully-qualified emoji without skin-tone variants (about 1,870). Split: a s
 ``int(sha1(key).hexdigest(), 16) % 10 == 0`` (about 10%), else in ``train``; the rule depends only on the key, so it
 is stable across Unicode versions. Within a split, samples are ordered by that same hash, so each shard mixes all
 groups instead of holding only smileys or only flags.
+
+Each sample's json also holds a ``label``: the index of its Unicode group (Smileys & Emotion, ..., Flags, in file
+order) in ``classnames.txt``, so the test split doubles as a 9-way zero-shot task with ``templates.txt``.
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ CANVAS_SIZE = (136, 128)
 SKIN_TONES = range(0x1F3FB, 0x1F400)
 SHARD_MAXCOUNT = 1000
 TEST_MODULUS = 10
+TEMPLATES = ("an emoji of {c}.", "{c}", "a picture of {c}.")
 
 _LINE_RE = re.compile(r"^([0-9A-Fa-f ]+?)\s*;\s*([\w-]+)\s*#\s*\S+\s+E\d+\.\d+\s+(.+?)\s*$")
 
@@ -222,6 +226,7 @@ def _samples(
     font: ImageFont.FreeTypeFont,
     image_size: int,
     tally: Counter[str],
+    groups: list[str],
 ) -> Iterator[dict]:
     for entry in tqdm(entries, desc=f"emoji {split}", unit="emoji", disable=None):
         image = render_emoji(entry.text, font, image_size)
@@ -236,6 +241,7 @@ def _samples(
             "group": entry.group,
             "subgroup": entry.subgroup,
             "keywords": keywords,
+            "label": groups.index(entry.group),
             "split": split,
         }
         yield {"__key__": entry.key, "png": encode_png(image), "txt": caption(entry, keywords), "json": meta}
@@ -263,14 +269,17 @@ def build_emoji(out: Path, image_size: int = 72) -> dict:
     annotations = _load_annotations()
     font = ImageFont.truetype(str(FONT_PATH), size=FONT_SIZE)
     ordered = sorted(entries, key=lambda e: hashlib.sha1(e.key.encode()).hexdigest())
+    groups = list(dict.fromkeys(e.group for e in entries))  # file order: Smileys & Emotion first, Flags last
 
     tally: Counter[str] = Counter()
     shards = {}
     for split in ("train", "test"):
         in_split = [e for e in ordered if split_of(e.key) == split]
-        samples = _samples(in_split, split, annotations, font, image_size, tally)
+        samples = _samples(in_split, split, annotations, font, image_size, tally, groups)
         shards[split] = write_shards(samples, out, split, maxcount=SHARD_MAXCOUNT)
 
+    (out / "classnames.txt").write_text("".join(f"{g.lower()}\n" for g in groups))
+    (out / "templates.txt").write_text("".join(f"{t}\n" for t in TEMPLATES))
     summary = {
         "name": "emoji",
         "image_size": image_size,
@@ -285,7 +294,10 @@ def build_emoji(out: Path, image_size: int = 72) -> dict:
             "cldr_annotations": str(CLDR_ANNOTATIONS_PATH),
             "cldr_derived": str(CLDR_DERIVED_PATH) if CLDR_DERIVED_PATH.is_file() else None,
         },
-        "files": sorted([*shards["train"], *shards["test"], "sizes.json", "dataset.json"]),
+        "classes": groups,
+        "files": sorted(
+            [*shards["train"], *shards["test"], "sizes.json", "dataset.json", "classnames.txt", "templates.txt"]
+        ),
     }
     write_json_atomic(out / "dataset.json", summary)
     return summary
