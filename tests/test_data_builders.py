@@ -372,7 +372,7 @@ def test_digits_build(tmp_path):
 
 
 def test_build_rejects_unknown_names_listing_the_known_ones(tmp_path):
-    assert set(BUILDERS) == {"emoji", "fashion-mnist", "digits"}
+    assert set(BUILDERS) == {"emoji", "fashion-mnist", "digits", "openclipart"}
     with pytest.raises(ValueError, match="emoji, fashion-mnist, digits"):
         build("cifar", tmp_path)
 

@@ -5,7 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 extras="${1:-}"
 
-debs=(fonts-noto-color-emoji unicode-data unicode-cldr-core dataset-fashion-mnist)
+debs=(fonts-noto-color-emoji unicode-data unicode-cldr-core dataset-fashion-mnist openclipart-svg libcairo2)
 missing=()
 for p in "${debs[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
 if [ ${#missing[@]} -gt 0 ]; then

@@ -12,11 +12,13 @@ from pathlib import Path
 from clipkit.data.builtin.digits import build_digits
 from clipkit.data.builtin.emoji import build_emoji
 from clipkit.data.builtin.fashion_mnist import build_fashion_mnist
+from clipkit.data.builtin.openclipart import build_openclipart
 
 BUILDERS: dict[str, Callable[..., dict]] = {
     "emoji": build_emoji,
     "fashion-mnist": build_fashion_mnist,
     "digits": build_digits,
+    "openclipart": build_openclipart,
 }
 
 
