@@ -76,6 +76,7 @@ MAX_RENDER_SIDE = 2048
 MAX_EXAMPLES = 5
 # Bump when rendering or metadata parsing changes: old cache entries are then ignored.
 CACHE_VERSION = 1
+TEMPLATES = ("a clip art of {c}.", "{c}", "a drawing of {c}.")
 
 NS = {
     "dc": "http://purl.org/dc/elements/1.1/",
@@ -301,6 +302,11 @@ def assign_captions(metas: list[SvgMetadata], max_share: int = MAX_SHARE) -> tup
         else c
         for c in captions
     ], collections
+
+
+def category_of(relpath: str) -> str:
+    """The top folder of an SVG (animals, food, ...): the zero-shot label; files at the top count as unsorted."""
+    return relpath.split("/", 1)[0] if "/" in relpath else "unsorted"
 
 
 def sample_key(relpath: str) -> str:
@@ -645,6 +651,7 @@ def build_openclipart(
 
     reasons = Counter(c.reason for c in captions)
     kept: list[tuple[str, str, dict]] = []  # (hash, key, sample)
+    categories = sorted({category_of(rel) for rel in relpaths})  # the label space: every top folder of the source
     for (rel, result), meta, cap in zip(images, metas, captions, strict=True):
         if cap.text is None:
             skip(f"caption_{cap.reason}", rel)
@@ -652,7 +659,8 @@ def build_openclipart(
         key = keys[rel]
         sample_meta = {
             "path": rel,
-            "category": rel.split("/", 1)[0] if "/" in rel else "",
+            "category": category_of(rel),
+            "label": categories.index(category_of(rel)),
             "title": meta.title or meta.svg_title,
             "keywords": list(cap.keywords),
             "raw_keywords": list(meta.keywords),
@@ -697,7 +705,12 @@ def build_openclipart(
         "cache": dict(cache),
         "split_rule": f"test if int(sha1(key).hexdigest(), 16) % {TEST_MODULUS} == 0, else train",
         "sources": {"svg_dir": str(svg_dir), "debian_package": DEBIAN_PACKAGE},
-        "files": sorted([*shards["train"], *shards["test"], "sizes.json", "dataset.json"]),
+        "classes": categories,
+        "files": sorted(
+            [*shards["train"], *shards["test"], "sizes.json", "dataset.json", "classnames.txt", "templates.txt"]
+        ),
     }
+    (out / "classnames.txt").write_text("".join(f"{c.replace('_', ' ')}\n" for c in categories))
+    (out / "templates.txt").write_text("".join(f"{t}\n" for t in TEMPLATES))
     write_json_atomic(out / "dataset.json", summary)
     return summary
