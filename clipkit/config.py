@@ -43,6 +43,8 @@ class ModelCfg:
             last block with the final norm the one before.
         lock_text_freeze_layer_norm: keep the LayerNorms of a locked text tower frozen (False: they stay trainable).
         grad_checkpointing: recompute tower activations in the backward pass (less memory, ~30% more compute).
+        cache_locked_text: memoize a fully locked HF text tower's pooled features per distinct caption, so each
+            caption runs the transformer once (LiT on small caption sets; see docs/models.md).
     """
 
     name: str | None = None
@@ -57,6 +59,7 @@ class ModelCfg:
     lock_text_unlocked_layers: int = 0
     lock_text_freeze_layer_norm: bool = True
     grad_checkpointing: bool = False
+    cache_locked_text: bool = False
 
 
 @dataclass(frozen=True)
@@ -403,6 +406,13 @@ def validate(r: Recipe) -> None:
     need(m.context_length is None or m.context_length > 1, "model.context_length", m.context_length, "must be > 1")
     for key in ("lock_image_unlocked_groups", "lock_text_unlocked_layers"):
         need(getattr(m, key) >= 0, f"model.{key}", getattr(m, key), "must be >= 0")
+    if m.cache_locked_text:
+        need(
+            m.lock_text and m.lock_text_unlocked_layers == 0 and m.lock_text_freeze_layer_norm,
+            "model.cache_locked_text",
+            True,
+            "needs a fully locked text tower (model.lock_text, no unlocked layers, frozen layer norms)",
+        )
 
     d = r.data
     need(len(d.sources) > 0, "data.sources", list(d.sources), "must name at least one shard set")

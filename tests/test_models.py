@@ -258,3 +258,23 @@ def test_training_leaves_a_locked_tower_bitwise_unchanged(tmp_path, digits_dir, 
     assert any(not torch.equal(before[k], after[k]) for k in before if k.startswith(trained_prefix))
     if lit:
         assert not torch.equal(before["text.proj.weight"], after["text.proj.weight"])
+
+
+def test_cached_locked_text_features_match_the_tower_and_train_the_projection():
+    plain = create_model(ModelCfg(config=TIMM_MINILM, lock_text=True))
+    cached = create_model(ModelCfg(config=TIMM_MINILM, lock_text=True, cache_locked_text=True))
+    cached.model.text.proj.load_state_dict(plain.model.text.proj.state_dict())
+    captions = ["a red apple", "a dog on a skateboard", "a red apple", "flag: France", "grinning face"]
+    tokens = plain.tokenizer(captions)
+    with torch.no_grad():
+        want = plain.model.encode_text(tokens)
+    first = cached.model.encode_text(tokens[:3])  # fills the cache with 2 distinct rows
+    second = cached.model.encode_text(tokens)  # 3 hits, 2 new rows
+    cache = cached.model.text.forward.__self__
+    assert (cache.misses, cache.hits, len(cache.rows)) == (4, 4, 4)
+    torch.testing.assert_close(first.detach(), want[:3], rtol=0, atol=1e-5)
+    torch.testing.assert_close(second.detach(), want, rtol=0, atol=1e-5)
+    second.sum().backward()  # the projection still learns; the tower has nothing to learn
+    assert cached.model.text.proj.weight.grad is not None
+    with pytest.raises(RecipeError, match="cache_locked_text.*fully locked"):
+        load_recipe(None, ["model.name=ViT-B-32", "model.cache_locked_text=true", "data.sources=[{shards: x}]"])

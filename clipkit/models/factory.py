@@ -23,7 +23,7 @@ from open_clip.model import CLIPTextCfg, CLIPVisionCfg
 from open_clip.transform import PreprocessCfg, merge_preprocess_dict
 
 from clipkit.config import ModelCfg, RecipeError
-from clipkit.models.freeze import apply_locks, trainable_summary
+from clipkit.models.freeze import apply_locks, cache_locked_text, trainable_summary
 from clipkit.models.weights import load_pretrained
 
 log = logging.getLogger(__name__)
@@ -191,6 +191,8 @@ def create_model(cfg: ModelCfg) -> ModelBundle:
     if cfg.pretrained is not None:
         load_pretrained(bundle.model, cfg.pretrained)
     apply_locks(bundle.model, cfg)
+    if cfg.cache_locked_text:
+        cache_locked_text(bundle.model)
     if cfg.grad_checkpointing:
         bundle.model.set_grad_checkpointing(True)
     if cfg.lock_image or cfg.lock_text:
