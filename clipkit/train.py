@@ -33,6 +33,7 @@ from clipkit.evaluate import run as evals
 from clipkit.loss import ContrastiveLoss
 from clipkit.models import ModelBundle, create_model
 from clipkit.models.factory import resolve_config
+from clipkit.models.weights import refuse_pickled_code
 from clipkit.optim import make_optimizer, make_scheduler
 from clipkit.plots import plot_metrics
 from clipkit.step import forward_backward
@@ -45,6 +46,91 @@ SIGLIP_INIT = {"init_logit_scale": math.log(10.0), "init_logit_bias": -10.0}  # 
 
 class TrainingStopped(RuntimeError):
     """The run stopped itself for a reason it names (too much bad data, non-finite steps in a row)."""
+
+
+class NonFiniteGuard:
+    """Skips optimizer steps whose gradient norm is not finite and counts them, with no host sync per step.
+
+    With a fused AdamW (clipkit's optimizer on CPU and CUDA) the skip happens on the device: the optimizer's
+    `found_inf` tensor (the protocol GradScaler uses) makes the kernel leave parameters, moments and step counts
+    untouched, and the counts accumulate in device tensors that the host reads only in `sync` (log steps,
+    checkpoints, the end). Any other optimizer falls back to reading the flag every step. Every process decides
+    alike with no collective: DDP and FSDP leave identical gradients, hence identical norms, on all of them.
+
+    Args:
+        optimizer: the (possibly Accelerate-wrapped) optimizer.
+        device: where the gradients live.
+        max_in_a_row: this many skipped steps in a row stop the run (checked in `sync`).
+        skipped: steps skipped before (a resumed run's count).
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, device: torch.device, max_in_a_row: int, skipped: int = 0):
+        self.inner = getattr(optimizer, "optimizer", optimizer)  # under Accelerate's AcceleratedOptimizer
+        self.on_device = bool(self.inner.defaults.get("fused")) and getattr(
+            self.inner, "_step_supports_amp_scaling", False
+        )
+        self.max_in_a_row, self.total = max_in_a_row, skipped
+        # [new skips since the last sync, current streak, longest streak since the last sync]
+        self.counts = torch.zeros(3, device=device)
+
+    def step(self, optimizer: torch.optim.Optimizer, grad_norm: torch.Tensor) -> None:
+        """Steps the optimizer unless `grad_norm` is not finite; clears the gradients either way."""
+        bad = (~torch.isfinite(grad_norm.detach().float())).float()  # [] 0. or 1., on the device
+        if self.on_device:
+            self.inner.found_inf = bad
+            optimizer.step()
+            self.inner.found_inf = None
+        elif bad.item():  # a host sync: the fallback for optimizers without found_inf
+            pass
+        else:
+            optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        new, run, worst = self.counts.unbind()
+        new.add_(bad)
+        run.add_(bad).mul_(bad)  # +1 on a skip, back to 0 on a good step
+        torch.maximum(worst, run, out=worst)
+
+    def sync(self, step: int, where: Path) -> int:
+        """Reads the counts (one host sync); returns all skipped steps so far.
+
+        Raises:
+            TrainingStopped: when `max_in_a_row` steps in a row were skipped since the last sync.
+        """
+        new, run, worst = self.counts.tolist()
+        self.total += int(new)
+        self.counts[0] = 0
+        self.counts[2] = run
+        if worst >= self.max_in_a_row:
+            raise TrainingStopped(
+                f"step {step}: {int(worst)} steps in a row had a non-finite loss or gradient; stopping. The last "
+                f"good checkpoint is kept under {where} (lower train.lr, check the data)"
+            )
+        return self.total
+
+
+class StopVote:
+    """Whether any process got a stop signal, agreed by all processes at the same step.
+
+    One process: its own flag, no collective. Several: a 1-element MAX all-reduce of a CPU tensor over gloo (the
+    default group on CPU; a second, gloo group beside NCCL on GPUs), so the vote never waits on the device queue.
+    """
+
+    def __init__(self, world_size: int):
+        self.group, self.multi = None, world_size > 1
+        if self.multi:
+            import torch.distributed as dist
+
+            if dist.get_backend() != "gloo":
+                self.group = dist.new_group(backend="gloo")  # collective: every process builds its StopVote
+
+    def __call__(self, local: bool) -> bool:
+        if not self.multi:
+            return local
+        import torch.distributed as dist
+
+        flag = torch.tensor([int(local)], dtype=torch.int32)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group)
+        return bool(flag.item())
 
 
 def preflight(recipe: Recipe) -> dict[str, list[str]]:
@@ -224,6 +310,8 @@ def train(recipe: Recipe, out_dir: str | Path, resume: str | None = None) -> dic
     scheduler = make_scheduler(optimizer, t.steps, t.warmup, t.lr, t.min_lr)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     raw_model = accelerator.unwrap_model(model)
+    # Only the forward/backward runs compiled; checkpoints, evals and clamps use the plain modules (clean keys).
+    step_model = torch.compile(model) if t.compile else model
     if recipe.train.wandb:
         accelerator.init_trackers(
             "clipkit",
@@ -236,7 +324,8 @@ def train(recipe: Recipe, out_dir: str | Path, resume: str | None = None) -> dic
     progress = Progress()
     if resume is not None:
         ckpt = find_checkpoint(out_dir, resume)
-        accelerator.load_state(str(ckpt / "state"))
+        with refuse_pickled_code(ckpt / "state"):  # Accelerate reads its .bin/.pkl files with weights_only=True
+            accelerator.load_state(str(ckpt / "state"))
         progress = load_progress(ckpt, rank)
         if main:
             log.info("resumed from %s at step %d", ckpt, progress.step)
@@ -253,8 +342,9 @@ def train(recipe: Recipe, out_dir: str | Path, resume: str | None = None) -> dic
         resampled=recipe.data.resampled,
         shuffle_size=recipe.data.shuffle_buffer,
         caption=recipe.data.caption,
+        fast=recipe.data.fast_images,
     )
-    loader = train_loader(stream, recipe.data.workers, recipe.data.prefetch_factor)
+    loader = train_loader(stream, recipe.data.workers, recipe.data.prefetch_factor, pin_memory=device.type == "cuda")
     if recipe.data.resampled:  # segments end at checkpoints, so a resume replays at most one segment
         epoch_len = (t.checkpoint_every or t.steps) * t.accum_freq
     else:
@@ -268,7 +358,11 @@ def train(recipe: Recipe, out_dir: str | Path, resume: str | None = None) -> dic
     skipped, skipped_shards = Counter(progress.skipped), Counter(progress.skipped_shards)
     samples_per_step = recipe.data.batch_size * world_size * t.accum_freq
 
+    guard = NonFiniteGuard(optimizer, device, t.max_nonfinite, progress.nonfinite)
+    vote = StopVote(world_size)
+
     def checkpoint(step: int, metrics: dict | None = None) -> Path:
+        progress.nonfinite = guard.sync(step, out_dir / "checkpoints")
         progress.step, progress.skipped, progress.skipped_shards = step, dict(skipped), dict(skipped_shards)
         progress.metrics = metrics or {}
         ckpt = save_checkpoint(accelerator, model, bundle.config, out_dir, progress, recipe.name)
@@ -279,7 +373,7 @@ def train(recipe: Recipe, out_dir: str | Path, resume: str | None = None) -> dic
     model.train()
     bar = tqdm(total=t.steps, initial=progress.step, desc="train", unit="step", disable=not main or None)
     last_time, last_step = time.perf_counter(), progress.step
-    loss, in_a_row, preempted, final = torch.zeros(()), 0, None, None
+    loss, preempted, final = torch.zeros(()), None, None
     with StopSignals() as signals:
         for step in range(progress.step, t.steps):
             micro = []
@@ -288,11 +382,10 @@ def train(recipe: Recipe, out_dir: str | Path, resume: str | None = None) -> dic
                 skipped.update(batch["skipped"])
                 skipped_shards.update(batch["skipped_shards"])
                 progress.samples += len(batch["key"])
-                micro.append(
-                    (batch["image"].to(device, non_blocking=True), batch["text"].to(device, non_blocking=True))
-                )
+                images = stream.finish_images(batch["image"].to(device, non_blocking=True))  # uint8 -> normalized
+                micro.append((images, batch["text"].to(device, non_blocking=True)))
             loss = forward_backward(
-                model,
+                step_model,
                 micro,
                 loss_fn,
                 backward=accelerator.backward,
@@ -303,52 +396,40 @@ def train(recipe: Recipe, out_dir: str | Path, resume: str | None = None) -> dic
             faults.maybe_signal("sigterm", done, signal.SIGTERM)  # tests: a preemption notice during step `done`
             if faults.armed("nan_grad", done):
                 next(p for p in model.parameters() if p.grad is not None).grad.fill_(float("nan"))
-            # The grad norm is computed anyway for clipping (inf: measure only). One small all-reduce per step tells
-            # every process whether any saw a non-finite gradient or a stop signal, so all skip or stop together.
+            # The grad norm is computed anyway for clipping (inf: measure only). A non-finite one skips the step on
+            # the device; the host learns of it on log steps and checkpoints. The stop vote is host-side.
             norm = accelerator.clip_grad_norm_(model.parameters(), t.grad_clip or float("inf"))
-            status = torch.stack(
-                [
-                    (~torch.isfinite(norm.detach().float())).float(),
-                    torch.tensor(float(signals.received is not None), device=norm.device),
-                ]
-            )
-            nonfinite, stop = (accelerator.reduce(status, "sum") > 0).tolist()
-            if nonfinite:
-                optimizer.zero_grad(set_to_none=True)
-                progress.nonfinite += 1
-                in_a_row += 1
-                if in_a_row >= t.max_nonfinite:
-                    raise TrainingStopped(
-                        f"step {done}: {in_a_row} steps in a row had a non-finite loss or gradient; stopping. The last "
-                        f"good checkpoint is kept under {out_dir / 'checkpoints'} (lower train.lr, check the data)"
-                    )
-            else:
-                in_a_row = 0
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
+            guard.step(optimizer, norm)
             scheduler.step()
             with torch.no_grad():  # CLIP's clamp: a temperature below 0.01 destabilizes training
                 raw_model.logit_scale.clamp_(0, MAX_LOGIT_SCALE)
             bar.update(1)
+            stop = vote(signals.received is not None)
 
             if done % t.log_every == 0 or done == t.steps:
-                value = accelerator.reduce(loss.detach(), "mean").item()
+                progress.nonfinite = guard.sync(done, out_dir / "checkpoints")
+                scalars = [accelerator.reduce(loss.detach(), "mean"), raw_model.logit_scale.detach().exp()]
+                if getattr(raw_model, "logit_bias", None) is not None:
+                    scalars.append(raw_model.logit_bias.detach().reshape(()))
+                values = torch.stack([v.float() for v in scalars]).tolist()  # one host sync for all of them
                 all_skips = sum_over_processes(accelerator, skipped, skipped_shards, progress.samples)
                 now = time.perf_counter()
                 row = {
                     "step": done,
-                    "loss": value,
+                    "loss": values[0],
                     "lr": scheduler.get_last_lr()[0],
-                    "logit_scale": raw_model.logit_scale.exp().item(),
+                    "logit_scale": values[1],
                     "samples_per_s": samples_per_step * (done - last_step) / (now - last_time),
                     "skipped": dict(all_skips[0]),
                     "nonfinite_steps": progress.nonfinite,
                 }
-                if getattr(raw_model, "logit_bias", None) is not None:
-                    row["logit_bias"] = raw_model.logit_bias.item()
+                if len(values) > 2:
+                    row["logit_bias"] = values[2]
                 last_time, last_step = now, done
                 metrics_log.write(row)
-                bar.set_postfix(loss=f"{value:.3f}", T=f"{row['logit_scale']:.1f}", sps=f"{row['samples_per_s']:.0f}")
+                bar.set_postfix(
+                    loss=f"{row['loss']:.3f}", T=f"{row['logit_scale']:.1f}", sps=f"{row['samples_per_s']:.0f}"
+                )
                 accelerator.log({k: v for k, v in row.items() if k != "skipped"}, step=done)
                 check_skip_rate(*all_skips, recipe.data.max_skip_rate, done)
 

@@ -278,3 +278,26 @@ def test_cached_locked_text_features_match_the_tower_and_train_the_projection():
     assert cached.model.text.proj.weight.grad is not None
     with pytest.raises(RecipeError, match="cache_locked_text.*fully locked"):
         load_recipe(None, ["model.name=ViT-B-32", "model.cache_locked_text=true", "data.sources=[{shards: x}]"])
+
+
+def test_resume_from_a_state_file_with_pickled_code_is_refused(tmp_path, digits_dir):
+    recipe_file = tmp_path / "r.yaml"
+    recipe_file.write_text(json.dumps({"name": "evil", "data_root": str(digits_dir), "model": {"config": TINY_MODEL}}))
+    overrides = [
+        "data.sources=[{shards: train-*.tar}]",
+        "data.batch_size=8",
+        "data.workers=0",
+        "train.steps=2",
+        "train.warmup=1",
+        "train.checkpoint_every=1",
+    ]
+    train(load_recipe(recipe_file, overrides), tmp_path / "run")
+    ckpt = sorted((tmp_path / "run" / "checkpoints").glob("step-*"))[0]
+    state = ckpt / "state"
+    evil = _RunsCode()
+    evil.marker = tmp_path / "pwned"
+    torch.save({"state": {}, "param_groups": [], "payload": evil}, state / "optimizer.bin")
+    recipe = load_recipe(recipe_file, [*overrides[:-1], "train.steps=3", "train.checkpoint_every=1"])
+    with pytest.raises(UnsafeCheckpointError, match=rf"{ckpt.name}/state: refused"):
+        train(recipe, tmp_path / "run", resume=str(ckpt))
+    assert not evil.marker.exists()
