@@ -15,8 +15,8 @@ import webdataset as wds
 from PIL import Image
 
 from clipkit.data import shards
-from clipkit.data.builtin import BUILDERS, build, openclipart
-from clipkit.data.builtin.openclipart import SvgMetadata
+from clipkit.data.builtin import BUILDERS, build, openclipart, svg_captions
+from clipkit.data.builtin.svg_captions import SvgMetadata
 
 
 def _svg(
@@ -51,7 +51,7 @@ def _svg(
 def test_parse_svg_metadata_reads_work_title_keywords_and_creator():
     svg = _svg("  Gattina   Cat ", ("mammal", "", "cat"), creator="Architetto Francesco Rollandin")
 
-    meta = openclipart.parse_svg_metadata(svg)
+    meta = svg_captions.parse_svg_metadata(svg)
 
     # The publisher's and creator's <dc:title> are not the picture's title.
     assert meta == SvgMetadata("Gattina Cat", "", ("mammal", "cat"), ("Architetto Francesco Rollandin",))
@@ -60,12 +60,12 @@ def test_parse_svg_metadata_reads_work_title_keywords_and_creator():
 def test_parse_svg_metadata_falls_back_to_the_svg_title_and_rejects_bad_files():
     no_namespace = '<svg width="10" height="10"><title>Sheep</title><rect width="5" height="5"/></svg>'
 
-    assert openclipart.parse_svg_metadata(_svg(svg_title="Scorpion")).svg_title == "Scorpion"
-    assert openclipart.parse_svg_metadata(no_namespace) == SvgMetadata("", "Sheep", (), ())
+    assert svg_captions.parse_svg_metadata(_svg(svg_title="Scorpion")).svg_title == "Scorpion"
+    assert svg_captions.parse_svg_metadata(no_namespace) == SvgMetadata("", "Sheep", (), ())
     with pytest.raises(ET.ParseError):
-        openclipart.parse_svg_metadata("<svg><g></svg>")
+        svg_captions.parse_svg_metadata("<svg><g></svg>")
     with pytest.raises(ValueError, match="not <svg>"):
-        openclipart.parse_svg_metadata("<html/>")
+        svg_captions.parse_svg_metadata("<html/>")
 
 
 @pytest.mark.parametrize(
@@ -95,14 +95,14 @@ def test_parse_svg_metadata_falls_back_to_the_svg_title_and_rejects_bad_files():
     ],
 )
 def test_clean_title(raw, clean):
-    assert openclipart.clean_title(raw) == clean
+    assert svg_captions.clean_title(raw) == clean
 
 
 def test_useful_keywords_drop_generic_junk_and_authors():
     raw = ["hash", "", "action", "Computer", "icons", "theme", "North_America", "rome,italy", "0x8963570"]
     raw += ["hash(0x8a3ecd4)", "11", "Architetto Francesco Rollandin", "computer", "clip art"]
 
-    assert openclipart.useful_keywords(raw, ["Architetto Francesco Rollandin"]) == [
+    assert svg_captions.useful_keywords(raw, ["Architetto Francesco Rollandin"]) == [
         "computer",
         "north america",
         "rome",
@@ -125,7 +125,7 @@ def test_useful_keywords_drop_generic_junk_and_authors():
     ],
 )
 def test_is_collection_title(title, count, expected):
-    assert openclipart.is_collection_title(title, count, max_share=25) is expected
+    assert svg_captions.is_collection_title(title, count, max_share=25) is expected
 
 
 def test_assign_captions_keeps_titles_replaces_collections_and_drops_the_rest():
@@ -141,7 +141,7 @@ def test_assign_captions_keeps_titles_replaces_collections_and_drops_the_rest():
         SvgMetadata("", "", ()),
     ]
 
-    captions, collections = openclipart.assign_captions(metas, max_share=3)
+    captions, collections = svg_captions.assign_captions(metas, max_share=3)
 
     assert [(c.text, c.source, c.reason) for c in captions] == [
         ("Tigre\nmammal, feline", "title", "title"),
