@@ -49,13 +49,17 @@ def _cmd_eval(args: argparse.Namespace) -> int:
             if not args.classnames:
                 raise SystemExit("clipkit eval zeroshot: --classnames is required with shards")
             classnames = evals.read_lines(args.classnames, "classnames")
-            metrics = evals.zeroshot(bundle, _shard_spec(args.data), classnames, templates, args.batch_size, device)
+            metrics = evals.zeroshot(
+                bundle, _shard_spec(args.data), classnames, templates, args.batch_size, device, args.workers
+            )
         source = args.data
     elif args.task == "linear-probe":
-        metrics = evals.linear_probe(bundle, _shard_spec(args.train), _shard_spec(args.test), args.batch_size, device)
+        metrics = evals.linear_probe(
+            bundle, _shard_spec(args.train), _shard_spec(args.test), args.batch_size, device, workers=args.workers
+        )
         source = args.train
     else:
-        metrics = evals.retrieval(bundle, _shard_spec(args.data), args.batch_size, device)
+        metrics = evals.retrieval(bundle, _shard_spec(args.data), args.batch_size, device, args.workers)
         source = args.data
     dataset = args.dataset or _dataset_name(source)
     task = args.task.replace("-", "_")
@@ -106,6 +110,7 @@ def _cmd_embed(args: argparse.Namespace) -> int:
         texts=not args.images_only,
         rank=rank,
         world_size=world,
+        workers=args.workers,
         info={"model": str(Path(args.checkpoint).resolve())},
     )
     print(
@@ -263,6 +268,7 @@ def make_parser() -> argparse.ArgumentParser:
     common.add_argument("--checkpoint", required=True, help="model folder (open_clip_config.json + weights)")
     common.add_argument("--dataset", help="dataset name in the result (default: the data folder's name)")
     common.add_argument("--batch-size", type=int, default=256)
+    common.add_argument("--workers", type=int, default=1, help="loader processes that read and decode the shards")
     common.add_argument("--out", required=True, help="result JSON path")
     ez = esub.add_parser("zeroshot", parents=[common], help="zero-shot classification (shards or image folder)")
     ez.add_argument("--data", required=True, help="labelled shard spec, or an image folder DIR/<class>/<image>")
@@ -288,6 +294,7 @@ def make_parser() -> argparse.ArgumentParser:
     m.add_argument("--data", required=True, help="shard spec; part i holds shard i (keep the spec across reruns)")
     m.add_argument("--out", required=True, help="embedding folder: parts/part-NNNNN/ + embed.json when complete")
     m.add_argument("--batch-size", type=int, default=256)
+    m.add_argument("--workers", type=int, default=1, help="loader processes that read and decode the shards")
     m.add_argument("--dtype", choices=["float32", "float16"], default="float32")
     m.add_argument("--meta-format", choices=["jsonl", "parquet"], default="jsonl", help="row-aligned metadata")
     m.add_argument("--images-only", action="store_true", help="skip caption embeddings")

@@ -9,7 +9,8 @@ import json
 import logging
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,7 +18,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from clipkit.data.pipeline import iter_eval_samples
+from clipkit.data.pipeline import iter_eval_samples, worker_info
 from clipkit.data.shards import read_sizes, write_json_atomic
 from clipkit.index import (
     EMBED_INFO_FILE,
@@ -64,13 +65,13 @@ def _batched(items: Iterable, size: int) -> Iterable[list]:
         yield batch
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def encode_images(model: torch.nn.Module, images: torch.Tensor) -> np.ndarray:
     """[B, 3, H, W] -> [B, D] float32 normalized."""
     return model.encode_image(images, normalize=True).float().cpu().numpy()
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def encode_texts(
     model: torch.nn.Module,
     tokenizer: Callable,
@@ -87,7 +88,7 @@ def encode_texts(
     return np.concatenate(out) if out else np.zeros((0, dim or 0), np.float32)
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def embed_shards(
     model: torch.nn.Module,
     transform: Callable,
@@ -97,6 +98,7 @@ def embed_shards(
     device: str | torch.device = "cpu",
     texts: bool = True,
     desc: str = "embed",
+    workers: int = 0,
 ) -> Embeddings:
     """Embeds every usable sample of the shards, in shard order.
 
@@ -109,18 +111,20 @@ def embed_shards(
         device: where the model lives.
         texts: also embed every caption line (False for zero-shot, where class prompts are the texts).
         desc: progress bar label.
+        workers: DataLoader worker processes reading, decoding and transforming shards (0: this process); on
+            CPU the model gets that many fewer torch threads meanwhile. Rows keep shard order at any count.
 
     Raises:
         ValueError: if no sample of the shards is usable.
     """
     with tqdm(desc=desc, unit="sample", disable=None) as bar:
-        emb = embed_samples(model, transform, tokenizer, urls, batch_size, device, texts, bar)
+        emb = embed_samples(model, transform, tokenizer, urls, batch_size, device, texts, bar, workers=workers)
     if not emb.meta:
         raise ValueError(f"no usable sample in {len(urls)} shard(s) starting {urls[:1]} (skipped: {emb.skipped})")
     return emb
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def embed_samples(
     model: torch.nn.Module,
     transform: Callable,
@@ -131,37 +135,128 @@ def embed_samples(
     texts: bool = True,
     bar: tqdm | None = None,
     samples: Iterable[dict] | None = None,
+    workers: int = 0,
 ) -> Embeddings:
     """`embed_shards` without the emptiness check: shards without usable samples give [0, D] arrays.
 
     Args:
         samples: {"key", "image" (PIL), "captions", "json"} dicts to embed instead of the shards' (e.g. an
-            image folder's); `urls` is then ignored.
+            image folder's); `urls` and `workers` are then ignored.
+        workers: DataLoader worker processes that read, decode and transform the shards (0: this process).
+            Rows come out in shard order whatever the count; see `iter_shard_batches`.
         Others: as in `embed_shards`; `bar` is a progress bar to advance by samples.
     """
     stats: Counter = Counter()
-    image_rows, meta, captions, owners = [], [], [], []
-    for chunk in _batched(samples if samples is not None else iter_eval_samples(urls, stats), batch_size):
-        pixels = torch.stack([transform(s["image"]) for s in chunk]).to(device)
-        image_rows.append(encode_images(model, pixels))
-        for s in chunk:
+    done = []  # (order, [B, D] image embeddings, rows) per batch, in arrival order
+    if samples is not None:
+        workers = 0
+        batches = (
+            {**_transform_batch(chunk, transform), "order": (0, j)}
+            for j, chunk in enumerate(_batched(samples, batch_size))
+        )
+    else:
+        workers = min(workers, len(urls))  # one process per shard at most: the model yields only the cores in use
+        batches = iter_shard_batches(urls, transform, batch_size, workers)
+    with threads_beside_workers(device, workers):
+        for batch in batches:
+            stats.update(batch["skipped"])
+            if batch["rows"]:  # a batch without rows only carries skip counts
+                done.append((tuple(batch["order"]), encode_images(model, batch["pixels"].to(device)), batch["rows"]))
+                if bar is not None:
+                    bar.update(len(batch["rows"]))
+    done.sort(key=lambda item: item[0])  # workers deliver shards interleaved; rows follow the shard order
+    meta, captions, owners = [], [], []
+    for _, _, rows in done:
+        for row in rows:
             if texts:
-                owners.extend([len(meta)] * len(s["captions"]))
-                captions.extend(s["captions"])
-            meta.append({"key": s["key"], "captions": s["captions"], **s["json"]})
-        if bar is not None:
-            bar.update(len(chunk))
+                owners.extend([len(meta)] * len(row["captions"]))
+                captions.extend(row["captions"])
+            meta.append({"key": row["key"], "captions": row["captions"], **row["json"]})
     if texts:
         text = encode_texts(model, tokenizer, captions, batch_size, device)
         if not captions:
             text = np.zeros((0, embed_dim(model, tokenizer, device)), np.float32)
     else:
         text = np.zeros((0, 0), np.float32)
-    image = np.concatenate(image_rows) if image_rows else np.zeros((0, embed_dim(model, tokenizer, device)), np.float32)
+    if done:
+        image = np.concatenate([emb for _, emb, _ in done])
+    else:
+        image = np.zeros((0, embed_dim(model, tokenizer, device)), np.float32)
     return Embeddings(image, text, np.asarray(owners, np.int64), meta, dict(stats))
 
 
-@torch.no_grad()
+def _transform_batch(chunk: list[dict], transform: Callable, skipped: dict | None = None) -> dict:
+    """Decoded samples -> {"pixels": [B, 3, H, W] float (None if empty), "rows": [{"key", "captions", "json"}],
+    "skipped": {reason: count}}."""
+    return {
+        "pixels": torch.stack([transform(s["image"]) for s in chunk]) if chunk else None,
+        "rows": [{"key": s["key"], "captions": s["captions"], "json": s["json"]} for s in chunk],
+        "skipped": skipped or {},
+    }
+
+
+class ShardBatches(torch.utils.data.IterableDataset):
+    """Transformed batches of every usable sample of some shards; shard i is read by DataLoader worker i % W.
+
+    Batches never span two shards, so what a batch holds does not depend on the number of workers. Each batch is
+    `_transform_batch`'s dict plus "order": (shard index, batch index within the shard). Skip counts ride on the
+    batch that follows them (a shard's last ones on an empty batch), so they reach the main process from workers.
+    """
+
+    def __init__(self, urls: Sequence[str], transform: Callable, batch_size: int):
+        self.urls, self.transform, self.batch_size = list(urls), transform, batch_size
+
+    def __iter__(self) -> Iterator[dict]:
+        worker, n_workers = worker_info()
+        for i in range(worker, len(self.urls), n_workers):
+            stats: Counter = Counter()
+            j = -1
+            for j, chunk in enumerate(_batched(iter_eval_samples([self.urls[i]], stats), self.batch_size)):
+                yield {**_transform_batch(chunk, self.transform, dict(stats)), "order": (i, j)}
+                stats.clear()
+            if stats:  # skips after the shard's last batch, or a shard without a usable sample
+                yield {**_transform_batch([], self.transform, dict(stats)), "order": (i, j + 1)}
+
+
+def iter_shard_batches(urls: Sequence[str], transform: Callable, batch_size: int, workers: int = 0) -> Iterator[dict]:
+    """`ShardBatches` read in this process (workers=0) or by DataLoader worker processes.
+
+    With W workers the shards are dealt round-robin to them and their batches arrive interleaved (shard 0's first
+    batch, shard 1's first, ...): sort by "order" to get the order of `urls`, as `embed_samples` does with the
+    embeddings (not the pixels: holding pixels back would hold a shard's worth of images). Fewer shards than
+    workers leave the extra workers out (each shard is read by one process).
+    """
+    dataset = ShardBatches(urls, transform, batch_size)
+    workers = min(workers, len(dataset.urls))
+    if workers <= 0:
+        yield from dataset
+        return
+    # batch_size=None: the dataset yields whole batches. Workers run with one torch thread (DataLoader's default).
+    yield from torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=workers)
+
+
+@contextmanager
+def threads_beside_workers(device: str | torch.device, workers: int) -> Iterator[None]:
+    """On CPU with W > 0 loader workers, runs the body with W fewer torch threads (at least 1), then restores them.
+
+    The workers (one thread each) decode and transform while the model runs; with torch's default thread count
+    (one per core) the model's threads and the workers would contend for the same cores, and an OpenMP thread that
+    loses its core stalls every parallel region (docs/benchmarks.md, "Zero-shot evaluation throughput vs
+    CLIP_benchmark"). The thread count changes no embedding: bitwise equal at 1 and 2 threads on the quickstart
+    model (tests/test_bench_zeroshot.py checks metrics at several worker counts).
+    """
+    threads = torch.get_num_threads()
+    lower = workers > 0 and torch.device(device).type == "cpu" and threads > 1
+    if lower:
+        torch.set_num_threads(max(1, threads - workers))
+    try:
+        yield
+    finally:
+        if lower:
+            torch.set_num_threads(threads)
+
+
+@torch.inference_mode()
 def embed_dim(model: torch.nn.Module, tokenizer: Callable, device: str | torch.device = "cpu") -> int:
     """The joint embedding dim (encodes one word: towers differ in where they keep it)."""
     return int(model.encode_text(tokenizer(["a"]).to(device)).shape[-1])
@@ -208,6 +303,7 @@ def embed_parts(
     rank: int = 0,
     world_size: int = 1,
     info: dict | None = None,
+    workers: int = 0,
 ) -> dict:
     """Embeds shards into a parts-layout embedding folder; this process does parts rank::world_size.
 
@@ -232,6 +328,8 @@ def embed_parts(
         rank: this process's rank.
         world_size: number of processes.
         info: facts stored in embed.json and part.json (model, ...).
+        workers: DataLoader worker processes per part (a part is one shard, so 1 is the useful value: it
+            decodes while the model encodes).
 
     Returns:
         {"embedded": parts done now, "skipped": parts found done, "complete": whether embed.json was written,
@@ -265,7 +363,7 @@ def embed_parts(
         for i in todo:
             part_dir = out_dir / PARTS_DIR / part_name(i)
             t_part = time.perf_counter()
-            emb = embed_samples(model, transform, tokenizer, [urls[i]], batch_size, device, texts, bar)
+            emb = embed_samples(model, transform, tokenizer, [urls[i]], batch_size, device, texts, bar, workers=workers)
             _write_part(part_dir, emb, {**recipe, "shard": urls[i], "index": i}, dtype, meta_format)
             n_done += len(emb.meta)
             log.info(

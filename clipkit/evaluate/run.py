@@ -40,12 +40,14 @@ def zeroshot(
     templates: list[str] | None = None,
     batch_size: int = 256,
     device: str | torch.device = "cpu",
+    workers: int = 0,
 ) -> dict:
     """Zero-shot classification metrics (acc1, acc5, mean_per_class_recall) on labelled shards.
 
-    Labels come from each sample's json "label" (an int index into `classnames`).
+    Labels come from each sample's json "label" (an int index into `classnames`). `workers`: DataLoader worker
+    processes that read, decode and transform the shards (see `clipkit.evaluate.embed.embed_shards`).
     """
-    emb = embed_images(bundle, shards, batch_size, device, "zero-shot images")
+    emb = embed_images(bundle, shards, batch_size, device, "zero-shot images", workers)
     return _zeroshot_metrics(bundle, emb, shards, classnames, templates, batch_size, device)
 
 
@@ -124,21 +126,24 @@ def linear_probe(
     device: str | torch.device = "cpu",
     c_grid: tuple[float, ...] = DEFAULT_C_GRID,
     seed: int = 0,
+    workers: int = 0,
 ) -> dict:
     """Linear probe on frozen image features of labelled train/test shards (see clipkit.evaluate.linear_probe)."""
     feats = {}
     for split, shards in (("train", train_shards), ("test", test_shards)):
-        emb = embed_images(bundle, shards, batch_size, device, f"linear-probe {split} images")
+        emb = embed_images(bundle, shards, batch_size, device, f"linear-probe {split} images", workers)
         feats[split] = (emb.image, _labels(emb, shards, "the linear probe"), emb.skipped)
     (train_x, train_y, train_skipped), (test_x, test_y, test_skipped) = feats["train"], feats["test"]
     metrics = fit_linear_probe(train_x, train_y, test_x, test_y, c_grid=c_grid, seed=seed)
     return {**metrics, "skipped": {"train": train_skipped, "test": test_skipped}}
 
 
-def embed_images(bundle: ModelBundle, shards: str, batch_size: int, device, desc: str) -> Embeddings:
+def embed_images(bundle: ModelBundle, shards: str, batch_size: int, device, desc: str, workers: int = 0) -> Embeddings:
     """Image embeddings (no captions) of a shard spec, with the bundle's eval transform."""
     urls = expand_shards(shards)
-    return embed_shards(bundle.model, bundle.eval_transform, bundle.tokenizer, urls, batch_size, device, False, desc)
+    return embed_shards(
+        bundle.model, bundle.eval_transform, bundle.tokenizer, urls, batch_size, device, False, desc, workers
+    )
 
 
 def _labels(emb: Embeddings, source: str, purpose: str) -> np.ndarray:
@@ -149,7 +154,13 @@ def _labels(emb: Embeddings, source: str, purpose: str) -> np.ndarray:
         raise ValueError(f"sample {bad} in {source}: no 'label' in its json, needed for {purpose}") from None
 
 
-def retrieval(bundle: ModelBundle, shards: str, batch_size: int = 256, device: str | torch.device = "cpu") -> dict:
+def retrieval(
+    bundle: ModelBundle,
+    shards: str,
+    batch_size: int = 256,
+    device: str | torch.device = "cpu",
+    workers: int = 0,
+) -> dict:
     """Image->text and text->image recall@1/5/10; every caption line of an image is one of its texts."""
     emb = embed_shards(
         bundle.model,
@@ -160,6 +171,7 @@ def retrieval(bundle: ModelBundle, shards: str, batch_size: int = 256, device: s
         device,
         texts=True,
         desc="retrieval",
+        workers=workers,
     )
     metrics = retrieval_metrics(emb.image, emb.text, emb.text_to_image)
     return {**metrics, "n_images": len(emb.meta), "n_texts": len(emb.text), "skipped": emb.skipped}
