@@ -91,6 +91,9 @@ class DataCfg:
             batches. Epoch mode mixes sources by concatenation, so source weights must all be 1.
         max_skip_rate: stop the run when more than this share of the samples read so far was unusable (checked on
             log steps once 1,000 samples were read); the error names the worst shards.
+        fast_images: with open_clip's plain training transform, draw the crop from the image header, decode JPEGs
+            at 1/2, 1/4 or 1/8 size when the crop still covers the output there, crop and resize uint8 tensors, and
+            normalize whole batches on the device (false: the transform as it is, on full-size decoded images).
     """
 
     sources: tuple[SourceCfg, ...] = ()
@@ -101,6 +104,7 @@ class DataCfg:
     prefetch_factor: int = 2
     resampled: bool = True
     max_skip_rate: float = 0.1
+    fast_images: bool = True
 
 
 @dataclass(frozen=True)
@@ -137,6 +141,12 @@ class TrainCfg:
             the run (the last good checkpoint is kept).
         wandb: log to Weights & Biases (offline unless WANDB_MODE says otherwise).
         compile: wrap the model in `torch.compile` (the first steps pay the compile time).
+        channels_last: keep image batches and conv weights channels-last in memory (NHWC), the layout oneDNN and
+            cuDNN convolutions run fastest in. None (default): on for convolutional image towers (more than one
+            Conv2d: ResNet, ConvNeXt), off for ViTs, whose only convolution is the patch embedding.
+        threads: torch intra-op threads of each training process. 0 (default): on CPU, torch's count (one per core,
+            or OMP_NUM_THREADS) minus data.workers, at least 1, so model threads and loader workers do not contend
+            for cores; with a GPU, torch's count. Keep it when resuming: it changes float summation order.
     """
 
     steps: int = 1000
@@ -161,6 +171,8 @@ class TrainCfg:
     max_nonfinite: int = 5
     wandb: bool = False
     compile: bool = False
+    channels_last: bool | None = None
+    threads: int = 0
 
 
 @dataclass(frozen=True)
@@ -443,6 +455,7 @@ def validate(r: Recipe) -> None:
     need(t.checkpoint_every >= 0, "train.checkpoint_every", t.checkpoint_every, "must be >= 0")
     need(t.keep_checkpoints >= 0, "train.keep_checkpoints", t.keep_checkpoints, "must be >= 0 (0 = keep all)")
     need(t.max_nonfinite >= 1, "train.max_nonfinite", t.max_nonfinite, "must be >= 1")
+    need(t.threads >= 0, "train.threads", t.threads, "must be >= 0 (0 = auto)")
     need(0 <= d.max_skip_rate <= 1, "data.max_skip_rate", d.max_skip_rate, "must be in [0, 1]")
 
     e = r.eval

@@ -21,12 +21,21 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": plain, "weight_decay": 0.0}]
 
 
+FUSED_DEVICES = ("cpu", "cuda")  # where torch has a fused AdamW kernel
+
+
 def make_optimizer(
     model: torch.nn.Module, lr: float, weight_decay: float, betas: tuple[float, float], eps: float
 ) -> torch.optim.AdamW:
-    """AdamW over `param_groups`; fused on CUDA (one kernel for all parameters), foreach elsewhere."""
-    on_cuda = next(model.parameters()).is_cuda
-    kwargs = {"fused": True} if on_cuda else {"foreach": True}
+    """AdamW over `param_groups`: fused on CPU and CUDA, foreach elsewhere.
+
+    The fused kernel makes one pass over each parameter's memory (param, grad, two moments) where foreach makes
+    about ten: on the quickstart's 8.1M parameters, one CPU core, 11.5 ms a step against 35.5 ms (foreach) and
+    55.5 ms (torch's CPU default, a per-parameter loop, which open_clip_train gets; tools/bench/bench_optim.py). It
+    also takes `found_inf`, which skips a step on the device without a host sync (see train.NonFiniteGuard).
+    """
+    fused = all(p.device.type in FUSED_DEVICES and p.dtype.is_floating_point for p in model.parameters())
+    kwargs = {"fused": True} if fused else {"foreach": True}
     return torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=betas, eps=eps, **kwargs)
 
 

@@ -7,6 +7,7 @@ process and worker; see clipkit/data/pipeline.py): batches are moved to the devi
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -16,6 +17,7 @@ import signal
 import sys
 import time
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 
@@ -131,6 +133,18 @@ class StopVote:
         flag = torch.tensor([int(local)], dtype=torch.int32)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group)
         return bool(flag.item())
+
+
+def use_channels_last(setting: bool | None, model: torch.nn.Module) -> bool:
+    """The recipe's train.channels_last, or (None) whether the image tower is convolutional.
+
+    A ViT's only convolution is its patch embedding: the layout changes nothing there. A ResNet tower ran its
+    forward + backward 1.4x faster channels-last on the 2-core CPU (docs/benchmarks.md).
+    """
+    if setting is not None:
+        return setting
+    visual = getattr(model, "visual", model)
+    return sum(isinstance(m, torch.nn.Conv2d) for m in visual.modules()) > 1
 
 
 def preflight(recipe: Recipe) -> dict[str, list[str]]:
@@ -281,7 +295,40 @@ def run_evals(recipe: Recipe, bundle: ModelBundle, model: torch.nn.Module, out_d
     return flat
 
 
+@contextlib.contextmanager
+def training_threads(threads: int, workers: int) -> Iterator[int]:
+    """torch's intra-op threads for the run (restored afterwards); yields the count in use.
+
+    Args:
+        threads: train.threads: N > 0 uses N; 0 (auto) on CPU leaves a core to each loader worker: torch's count
+            (one per core, or OMP_NUM_THREADS) minus `workers`, at least 1. With a GPU, auto changes nothing.
+        workers: data.workers.
+
+    Why auto: an OpenMP parallel region waits for its slowest thread, so with the workers decoding on the same cores,
+    a descheduled model thread stalls every layer. The thread count changes float summation order, so a resumed run
+    must use the same count as the run it resumes (auto gives the same count on the same machine and recipe).
+    """
+    before = torch.get_num_threads()
+    if threads > 0:
+        wanted = threads
+    elif workers > 0 and not torch.cuda.is_available():
+        wanted = max(1, before - workers)
+    else:
+        wanted = before
+    torch.set_num_threads(wanted)
+    try:
+        yield wanted
+    finally:
+        torch.set_num_threads(before)
+
+
 def train(recipe: Recipe, out_dir: str | Path, resume: str | None = None) -> dict:
+    """Trains a recipe into `out_dir` and returns the end summary; `_train` does it, on `training_threads`."""
+    with training_threads(recipe.train.threads, recipe.data.workers):
+        return _train(recipe, out_dir, resume)
+
+
+def _train(recipe: Recipe, out_dir: str | Path, resume: str | None = None) -> dict:
     """Trains a recipe into `out_dir` and returns the end summary.
 
     The run folder gets: recipe.yaml (resolved), metrics.jsonl, checkpoints/step-N/ (Accelerate state + a model
@@ -306,6 +353,9 @@ def train(recipe: Recipe, out_dir: str | Path, resume: str | None = None) -> dic
     bundle = build_bundle(recipe)
     model = bundle.model
     t = recipe.train
+    channels_last = use_channels_last(t.channels_last, model)
+    if channels_last:
+        model.to(memory_format=torch.channels_last)  # conv weights NHWC; the optimizer state follows
     optimizer = make_optimizer(model.to(device), t.lr, t.weight_decay, t.betas, t.eps)
     scheduler = make_scheduler(optimizer, t.steps, t.warmup, t.lr, t.min_lr)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
@@ -343,6 +393,7 @@ def train(recipe: Recipe, out_dir: str | Path, resume: str | None = None) -> dic
         shuffle_size=recipe.data.shuffle_buffer,
         caption=recipe.data.caption,
         fast=recipe.data.fast_images,
+        normalize_on_device=device.type != "cpu",
     )
     loader = train_loader(stream, recipe.data.workers, recipe.data.prefetch_factor, pin_memory=device.type == "cuda")
     if recipe.data.resampled:  # segments end at checkpoints, so a resume replays at most one segment
@@ -382,7 +433,9 @@ def train(recipe: Recipe, out_dir: str | Path, resume: str | None = None) -> dic
                 skipped.update(batch["skipped"])
                 skipped_shards.update(batch["skipped_shards"])
                 progress.samples += len(batch["key"])
-                images = stream.finish_images(batch["image"].to(device, non_blocking=True))  # uint8 -> normalized
+                images = stream.finish_images(batch["image"].to(device, non_blocking=True))  # uint8 on GPUs
+                if channels_last:
+                    images = images.contiguous(memory_format=torch.channels_last)
                 micro.append((images, batch["text"].to(device, non_blocking=True)))
             loss = forward_backward(
                 step_model,

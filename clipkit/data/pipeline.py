@@ -14,6 +14,13 @@ Bad samples (undecodable images, missing captions, broken tars) are skipped and 
 since the previous batch ride along with each batch (`batch["skipped"]`) so they reach the main process from
 DataLoader workers.
 
+Images take a fast path when the transform is open_clip's training transform (RandomResizedCrop -> RGB ->
+tensor -> Normalize; see `FastCrop`): the crop is drawn on the image size read from the header, a JPEG is decoded
+at 1/2, 1/4 or 1/8 size (DCT scaling, `Image.draft`) when the crop still covers the output there and straight into a
+tensor otherwise, crop and resize run on uint8 tensors, and normalization runs once per batch: in the worker for CPU
+training, or (`normalize_on_device`) on the GPU, so that worker queues and host-to-device copies carry uint8, a
+quarter of the bytes; `TrainStream.finish_images` completes such batches.
+
 Do not pass these loaders to `accelerator.prepare`: it would re-dispatch or re-split already split data.
 """
 
@@ -26,9 +33,13 @@ from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
+import torchvision.transforms as T
+import torchvision.transforms.v2.functional as TF
 import webdataset as wds
 from PIL import Image
+from torchvision.io import ImageReadMode, decode_jpeg
 
 from clipkit.data.shards import read_sizes
 
@@ -52,25 +63,159 @@ class Source:
     weight: float = 1.0
 
 
-def decode_image(sample: dict) -> Image.Image:
-    """The sample's image as an RGB PIL image (transparent pixels over white); raises SkipSample."""
+def image_bytes(sample: dict) -> bytes:
+    """The encoded image of a sample (the first of IMAGE_EXTS it has); raises SkipSample."""
     ext = next((e for e in IMAGE_EXTS if e in sample), None)
     if ext is None:
         raise SkipSample("no_image", sample.get("__key__", "?"))
+    return sample[ext]
+
+
+def open_image(sample: dict) -> Image.Image:
+    """The sample's image, opened lazily: only the header is read (size, mode, format); raises SkipSample."""
+    data = image_bytes(sample)
     try:
-        img = Image.open(io.BytesIO(sample[ext]))
-        if img.width * img.height > MAX_IMAGE_PIXELS:
-            raise SkipSample("image_too_large", f"{img.width}x{img.height}")
-        img.load()
-    except SkipSample:
-        raise
+        img = Image.open(io.BytesIO(data))
     except Exception as e:  # PIL raises many kinds (OSError, SyntaxError, DecompressionBombError, ...)
+        raise SkipSample("bad_image", f"{type(e).__name__}: {e}") from None
+    if img.width * img.height > MAX_IMAGE_PIXELS:
+        raise SkipSample("image_too_large", f"{img.width}x{img.height}")
+    return img
+
+
+def load_rgb(img: Image.Image) -> Image.Image:
+    """Decodes an opened image into RGB (transparent pixels over white); raises SkipSample."""
+    try:
+        img.load()
+    except Exception as e:
         raise SkipSample("bad_image", f"{type(e).__name__}: {e}") from None
     if img.mode in ("RGBA", "LA", "P") and ("transparency" in img.info or img.mode != "P"):
         rgba = img.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         img = Image.alpha_composite(background, rgba)
-    return img.convert("RGB")
+    return img if img.mode == "RGB" else img.convert("RGB")  # a JPEG decodes to RGB: no copy
+
+
+def decode_image(sample: dict) -> Image.Image:
+    """The sample's image as an RGB PIL image (transparent pixels over white); raises SkipSample."""
+    return load_rgb(open_image(sample))
+
+
+def decode_jpeg_tensor(data: bytes) -> torch.Tensor:
+    """A JPEG as uint8 [3, H, W] (grey and CMYK converted to RGB, as PIL would); raises SkipSample.
+
+    torchvision's libjpeg-turbo decoder writes straight into the tensor: for a 384 px photo, 1.1 ms against 1.8 ms
+    for PIL's decode plus the copy out of PIL's image memory (one core), with the same pixels.
+    """
+    try:
+        return decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
+    except RuntimeError as e:  # truncated or corrupt data
+        raise SkipSample("bad_image", f"{type(e).__name__}: {e}") from None
+
+
+PIL_FILTERS = {
+    T.InterpolationMode.BICUBIC: Image.Resampling.BICUBIC,
+    T.InterpolationMode.BILINEAR: Image.Resampling.BILINEAR,
+    T.InterpolationMode.NEAREST: Image.Resampling.NEAREST,
+    T.InterpolationMode.LANCZOS: Image.Resampling.LANCZOS,
+}
+
+
+@dataclass(frozen=True)
+class FastCrop:
+    """open_clip's training transform (RandomResizedCrop -> RGB -> tensor -> Normalize), at a fraction of its cost.
+
+    The same random draws as torchvision (`RandomResizedCrop.get_params` on the image size read from the header)
+    pick the same crop region; the output has the same size and interpolation (antialiased). What differs:
+
+    - a JPEG is decoded at 1/k size (k = 2, 4 or 8, libjpeg's DCT scaling via PIL's `Image.draft`) when the crop is
+      at least k times the output in both sides (a 1024 px photo cropped to 224 px decodes 1/16 of its pixels), then
+      cropped and resized by PIL from there;
+    - other JPEGs are decoded by torchvision straight into a tensor (`decode_jpeg_tensor`), and crop and resize run
+      on the uint8 tensor (torch's vectorized antialiased kernels: ~0.7 ms against PIL's ~1.4 ms for a 384 px photo
+      to 224 px bicubic, one core), with values within a fraction of a level of PIL's on average;
+    - normalization runs once per batch (`normalize`), in the loader worker or on the training device.
+
+    Attributes:
+        size: output (height, width).
+        scale: RandomResizedCrop's area range.
+        ratio: RandomResizedCrop's aspect-ratio range.
+        interpolation: torchvision interpolation mode.
+        mean: per-channel mean of the Normalize step.
+        std: per-channel std of the Normalize step.
+    """
+
+    size: tuple[int, int]
+    scale: tuple[float, float]
+    ratio: tuple[float, float]
+    interpolation: T.InterpolationMode
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+    @classmethod
+    def of(cls, transform: Callable) -> FastCrop | None:
+        """The fast equivalent of `transform` when it is open_clip's plain training transform, else None.
+
+        Recognized: Compose([RandomResizedCrop(antialias), convert to RGB, to tensor, Normalize]); anything else
+        (extra augmentations, custom callables) keeps the transform as it is.
+        """
+        steps = getattr(transform, "transforms", None)
+        if not isinstance(steps, list) or len(steps) != 4:
+            return None
+        crop, convert, to_tensor, norm = steps
+        names = {type(convert).__name__, getattr(convert, "__name__", "")}
+        if not (
+            type(crop) is T.RandomResizedCrop
+            and crop.antialias is not False
+            and crop.interpolation in PIL_FILTERS
+            and names & {"MaybeConvertMode", "_convert_to_rgb"}
+            and getattr(convert, "mode", "RGB") == "RGB"
+            and isinstance(to_tensor, T.ToTensor)
+            and type(norm) is T.Normalize
+            and len(norm.mean) == 3
+        ):
+            return None
+        return cls(
+            tuple(crop.size),
+            tuple(crop.scale),
+            tuple(crop.ratio),
+            crop.interpolation,
+            tuple(float(m) for m in norm.mean),
+            tuple(float(x) for x in norm.std),
+        )
+
+    def __call__(self, sample: dict) -> torch.Tensor:
+        """A sample's image -> uint8 [3, H, W], cropped and resized; raises SkipSample."""
+        img = open_image(sample)  # the header only: size and format
+        full_w, full_h = img.size
+        top, left, h, w = T.RandomResizedCrop.get_params(img, list(self.scale), list(self.ratio))
+        k = next((k for k in (8, 4, 2) if h >= k * self.size[0] and w >= k * self.size[1]), 1)
+        if img.format == "JPEG" and k > 1:
+            # Decoded at 1/k; the crop box maps to fractional coordinates there, which PIL's resize takes as they
+            # are (torch's takes whole pixels: rounding would shift the crop by up to k/2 source pixels).
+            img.draft("RGB", (full_w // k, full_h // k))  # PIL picks exactly 1/k for this request
+            img = load_rgb(img)
+            sx, sy = img.width / full_w, img.height / full_h  # ~1/k (sizes round up)
+            box = (left * sx, top * sy, (left + w) * sx, (top + h) * sy)
+            small = img.resize(self.size[::-1], PIL_FILTERS[self.interpolation], box=box)
+            return torch.from_numpy(np.array(small)).permute(2, 0, 1)
+        if img.format == "JPEG":
+            chw = decode_jpeg_tensor(image_bytes(sample))
+        else:
+            chw = torch.from_numpy(np.array(load_rgb(img))).permute(2, 0, 1)  # [3, H, W] view of a writable copy
+        return TF.resized_crop(chw, top, left, h, w, list(self.size), self.interpolation, antialias=True)
+
+    def normalize(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 [B, 3, H, W] -> float32 (x / 255 - mean) / std, on the batch's device.
+
+        Channel by channel with scalar operands, torch's fastest elementwise loops: 11 ms for 64 images of 224 px
+        on one CPU core, against 41 ms for one broadcast multiply-add over the batch (and ~0.5 ms an image for
+        torchvision's per-image ToTensor + Normalize).
+        """
+        out = torch.empty(images.shape, dtype=torch.float32, device=images.device)
+        for c, (m, s) in enumerate(zip(self.mean, self.std, strict=True)):
+            out[:, c].copy_(images[:, c]).mul_(1 / (255 * s)).add_(-m / s)
+        return out
 
 
 def decode_captions(sample: dict) -> list[str]:
@@ -167,7 +312,11 @@ def stream_seed(seed: int, epoch: int, rank: int, worker: int) -> int:
 
 
 class TrainStream(torch.utils.data.IterableDataset):
-    """Batches {"image": [B, 3, H, W] float, "text": [B, L] int64, "key": list, "skipped": dict} for one process.
+    """Batches {"image": [B, 3, H, W], "text": [B, L] int64, "key": list, "skipped": dict} for one process.
+
+    "image" is float: the transform's output, or on the fast path (`fast` and open_clip's training transform; see
+    `FastCrop`) the batch normalized at once. With `normalize_on_device` fast-path batches stay uint8 and
+    `finish_images` normalizes them where they are (the GPU): a quarter of the bytes through queues and copies.
 
     Args:
         sources: shard sets and their weights.
@@ -180,7 +329,14 @@ class TrainStream(torch.utils.data.IterableDataset):
         resampled: True for the infinite resampled stream, False for exact epochs.
         shuffle_size: per-worker shuffle buffer (samples).
         caption: "random" (one caption line at random per sample) or "first".
+        fast: take the fast image path when the transform allows it (False: the transform as it is, on full-size
+            decoded images, as open_clip_train does).
+        normalize_on_device: leave fast-path batches uint8 for `finish_images` (for GPU training; on a CPU it
+            would only move the normalization from the loader workers into the training process).
+
+    Attributes:
         epoch: a shared counter; set `stream.epoch.value` before iterating a new epoch.
+        fast_crop: the FastCrop in use, or None.
     """
 
     def __init__(
@@ -195,6 +351,8 @@ class TrainStream(torch.utils.data.IterableDataset):
         resampled: bool = True,
         shuffle_size: int = 1000,
         caption: str = "random",
+        fast: bool = True,
+        normalize_on_device: bool = False,
     ):
         super().__init__()
         if not sources or any(not s.urls for s in sources):
@@ -203,6 +361,8 @@ class TrainStream(torch.utils.data.IterableDataset):
         self.transform, self.tokenizer = transform, tokenizer
         self.rank, self.world_size, self.seed = rank, world_size, seed
         self.resampled, self.shuffle_size, self.caption = resampled, shuffle_size, caption
+        self.fast_crop = FastCrop.of(transform) if fast else None
+        self.normalize_on_device = normalize_on_device
         # Shared memory, so the value set by the training process reaches already-started loader workers.
         self.epoch = torch.multiprocessing.Value("i", 0)
         if not resampled:
@@ -218,6 +378,12 @@ class TrainStream(torch.utils.data.IterableDataset):
                 f"{self.world_size} processes x {max(num_workers, 1)} workers"
             )
         return n
+
+    def finish_images(self, images: torch.Tensor) -> torch.Tensor:
+        """A batch's "image" as the model takes it: uint8 batches (`normalize_on_device`) are normalized here."""
+        if self.fast_crop is not None and images.dtype == torch.uint8:
+            return self.fast_crop.normalize(images)
+        return images
 
     # -------------------------------------------------------------------------------------- sample streams
     def _resampled_samples(self, rng: random.Random, stats: Counter, shard_stats: Counter) -> Iterator[dict]:
@@ -266,11 +432,16 @@ class TrainStream(torch.utils.data.IterableDataset):
             limit = self.batches_per_worker(workers)
         produced = 0
         images, captions, keys = [], [], []
+        fast = self.fast_crop
         for sample in samples:
             try:
-                img = decode_image(sample)
-                lines = decode_captions(sample)
-                tensor = self.transform(img) if own_rng else _with_rng(transform_rng, self.transform, img)
+                if fast is not None:  # the crop is drawn from the header's size, then decoded (maybe at 1/k size)
+                    tensor = fast(sample) if own_rng else _with_rng(transform_rng, fast, sample)
+                    lines = decode_captions(sample)
+                else:
+                    img = decode_image(sample)
+                    lines = decode_captions(sample)
+                    tensor = self.transform(img) if own_rng else _with_rng(transform_rng, self.transform, img)
             except SkipSample as e:
                 stats[e.reason] += 1
                 shard_stats[sample.get("__url__", "?")] += 1
@@ -279,8 +450,11 @@ class TrainStream(torch.utils.data.IterableDataset):
             captions.append(lines[0] if self.caption == "first" else rng.choice(lines))
             keys.append(sample["__key__"])
             if len(images) == self.batch_size:
+                batch = torch.stack(images)  # [B, 3, H, W]: uint8 on the fast path
+                if fast is not None and not self.normalize_on_device:
+                    batch = fast.normalize(batch)
                 yield {
-                    "image": torch.stack(images),
+                    "image": batch,
                     "text": self.tokenizer(captions),
                     "key": keys,
                     "skipped": dict(stats),
@@ -294,17 +468,27 @@ class TrainStream(torch.utils.data.IterableDataset):
                     return
 
 
-def train_loader(stream: TrainStream, workers: int, prefetch_factor: int = 2) -> torch.utils.data.DataLoader:
+def train_loader(
+    stream: TrainStream, workers: int, prefetch_factor: int = 2, pin_memory: bool = False
+) -> torch.utils.data.DataLoader:
     """A DataLoader over a TrainStream (batches are built in the workers: batch_size=None).
 
     The loader gets its own generator: starting an iterator then draws its base seed from it, not from torch's
     global RNG, so restarting or fast-forwarding the data never shifts the training RNG.
+
+    Args:
+        stream: the batches.
+        workers: loader processes (0: load in the calling process).
+        prefetch_factor: batches each worker keeps ready.
+        pin_memory: copy batches into page-locked memory (a loader thread), so `.to(cuda, non_blocking=True)`
+            overlaps the copy with compute; only useful with a GPU.
     """
     kwargs = dict(prefetch_factor=prefetch_factor, persistent_workers=False) if workers > 0 else {}
     return torch.utils.data.DataLoader(
         stream,
         batch_size=None,
         num_workers=workers,
+        pin_memory=pin_memory,
         worker_init_fn=_worker_init,
         generator=torch.Generator().manual_seed(stream.seed),
         **kwargs,

@@ -1,0 +1,75 @@
+"""AdamW step time on a preset model's parameters: torch's CPU default (a per-parameter loop, what open_clip_train
+gets), foreach (clipkit before), fused (clipkit now). Rounds interleave the three; the best step of each round
+counts, and the median over rounds is printed.
+
+    python tools/bench/bench_optim.py --preset quickstart --threads 1 --rounds 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import LOCK_PATH, PRESETS, bench_lock, log, machine, median  # noqa: E402
+
+from clipkit.models.factory import bundle_from_config  # noqa: E402
+from clipkit.optim import param_groups  # noqa: E402
+
+KINDS = {"for-loop (torch CPU default)": {"foreach": False}, "foreach": {"foreach": True}, "fused": {"fused": True}}
+
+
+def step_time(model: torch.nn.Module, kwargs: dict, steps: int) -> float:
+    """Best wall time of one AdamW step over `steps` steps (after 2 warm-up steps that create the state)."""
+    opt = torch.optim.AdamW(param_groups(model, 0.1), lr=1e-4, betas=(0.9, 0.98), eps=1e-6, **kwargs)
+    for p in model.parameters():
+        p.grad = torch.randn_like(p) * 1e-3
+    for _ in range(2):
+        opt.step()
+    best = float("inf")
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        opt.step()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model-config", help="a model config JSON file instead of the preset")
+    p.add_argument("--preset", choices=sorted(PRESETS), default="quickstart")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--steps", type=int, default=5, help="timed steps per implementation and round")
+    p.add_argument("--json")
+    p.add_argument("--lock", default=LOCK_PATH)
+    a = p.parse_args(argv)
+    torch.set_num_threads(a.threads)
+    model_cfg = json.loads(Path(a.model_config).read_text()) if a.model_config else PRESETS[a.preset]()
+    model = bundle_from_config({"model_cfg": model_cfg, "preprocess_cfg": {}}).model
+    n = sum(p.numel() for p in model.parameters())
+    info = machine() | {"threads": a.threads}
+    log(f"machine: {json.dumps(info)}")
+    times: dict[str, list[float]] = {k: [] for k in KINDS}
+    for r in range(a.rounds):
+        with bench_lock(a.lock or None):
+            load = os.getloadavg()[0]
+            for kind, kwargs in KINDS.items():
+                times[kind].append(step_time(model, kwargs, a.steps))
+        print(f"round {r + 1} (load {load:.2f}): " + ", ".join(f"{k} {v[-1] * 1e3:.1f} ms" for k, v in times.items()))
+    for kind, v in times.items():
+        print(f"{kind}: {median(v) * 1e3:.1f} ms a step ({n / 1e6:.1f}M parameters, {a.threads} thread(s))")
+    if a.json:
+        Path(a.json).write_text(json.dumps({"machine": info, "parameters": n, "step_s": times}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

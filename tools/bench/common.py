@@ -1,0 +1,189 @@
+"""Shared pieces of the clipkit vs open_clip_train benchmarks: machine facts, the lock, FLOPs, peak, step clocks.
+
+Every timed measurement of tools/bench holds an exclusive lock on /tmp/clipkit-bench.lock (the lock other
+benchmarking jobs on the same machine take too), one A/B pair at a time, so two benchmarks never time each other.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+
+LOCK_PATH = "/tmp/clipkit-bench.lock"
+ROOT = Path(__file__).resolve().parents[2]
+QUICKSTART = ROOT / "recipes" / "quickstart.yaml"
+
+# A small ViT at 224 px for the JPEG benchmark: 49 patches of 32 px, width 128, 2 layers; text: 2 layers of 128.
+# 0.22 GFLOP a sample (forward + backward), ~3 ms of one core: about what decoding and preprocessing its 256-512 px
+# JPEG costs, so the loader decides the step as it does when a GPU runs the model. 7.3M parameters (6.3M of them the
+# token embedding). "photo224-wide" is the quickstart's towers at 224 px (0.6 GFLOP a sample), where it decides less.
+PHOTO224_MODEL = {
+    "embed_dim": 128,
+    "vision_cfg": {"image_size": 224, "patch_size": 32, "width": 128, "layers": 2, "head_width": 32, "mlp_ratio": 2.0},
+    "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 128, "heads": 4, "layers": 2, "mlp_ratio": 2.0},
+}
+PHOTO224_WIDE_MODEL = {
+    "embed_dim": 128,
+    "vision_cfg": {"image_size": 224, "patch_size": 32, "width": 192, "layers": 4, "head_width": 32, "mlp_ratio": 2.0},
+    "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 128, "heads": 4, "layers": 4, "mlp_ratio": 2.0},
+}
+
+
+def quickstart_model() -> dict:
+    """The model config of recipes/quickstart.yaml (read from the recipe, so the benchmark follows it)."""
+    import yaml
+
+    return yaml.safe_load(QUICKSTART.read_text())["model"]["config"]
+
+
+# A convolutional image tower (open_clip's ModifiedResNet, one block a stage, width 32) at 128 px: where
+# channels-last memory matters (train.channels_last).
+RN128_MODEL = {
+    "embed_dim": 128,
+    "vision_cfg": {"image_size": 128, "layers": [1, 1, 1, 1], "width": 32, "head_width": 32},
+    "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 128, "heads": 4, "layers": 2, "mlp_ratio": 2.0},
+}
+
+PRESETS = {
+    "quickstart": quickstart_model,
+    "photo224": lambda: json.loads(json.dumps(PHOTO224_MODEL)),
+    "photo224-wide": lambda: json.loads(json.dumps(PHOTO224_WIDE_MODEL)),
+    "rn128": lambda: json.loads(json.dumps(RN128_MODEL)),
+}
+
+
+@contextlib.contextmanager
+def bench_lock(path: str | None = LOCK_PATH) -> Iterator[None]:
+    """Holds the machine-wide benchmark lock (flock) for the block; `path=None` takes no lock."""
+    if path is None:
+        yield
+        return
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def default_threads(workers: int) -> int:
+    """Intra-op threads that leave a core to each loader worker: cores - workers, at least 1.
+
+    Both sides of every comparison get the same count (OMP_NUM_THREADS). More threads than free cores make each
+    parallel region wait for a descheduled thread: on the 2-core machine with one loader worker and another job
+    running, a 2-thread forward + backward took 4.0 s where 1 thread took 0.5 s.
+    """
+    return max(1, (os.cpu_count() or 1) - workers)
+
+
+def thread_env(threads: int) -> dict:
+    """The environment of a benchmark child process: offline, and `threads` intra-op threads."""
+    n = str(threads)
+    return dict(os.environ, OMP_NUM_THREADS=n, MKL_NUM_THREADS=n, HF_HUB_OFFLINE="1", WANDB_MODE="offline",
+                TOKENIZERS_PARALLELISM="false")  # fmt: skip
+
+
+def machine() -> dict:
+    """What the figures were measured on, and the load the machine carried when they were."""
+    cpu = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    import open_clip
+
+    import clipkit
+
+    return {
+        "clipkit": str(Path(clipkit.__file__).parent),
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "open_clip": open_clip.__version__,
+        "loadavg_1m": round(os.getloadavg()[0], 2),
+        "date": time.strftime("%Y-%m-%d %H:%M"),
+    }
+
+
+def matmul_peak(seconds: float = 1.0, n: int = 2048, dtype: torch.dtype = torch.float32) -> float:
+    """The machine's dense matmul rate in FLOP/s, measured now with this process's threads.
+
+    An [n, n] @ [n, n] product costs 2 n^3 FLOPs (17 GFLOP at n=2048, ~0.2 s on 2 CPU cores). The best of the
+    repeats within `seconds` is taken: the rate the hardware reaches, the denominator of MFU.
+    """
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    a @ b  # warm-up: thread pool, MKL/oneDNN kernel selection
+    best, start = float("inf"), time.perf_counter()
+    while time.perf_counter() - start < seconds or best == float("inf"):
+        t0 = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n**3 / best
+
+
+def train_flops_per_sample(model_cfg: dict, batch: int) -> float:
+    """FLOPs of one training sample: forward + backward of the model and the CLIP loss, counted by torch.
+
+    torch.utils.flop_counter.FlopCounterMode counts matmuls, convolutions and attention in one real fwd+bwd at
+    `batch` (the loss's [B, B] logits grow with the batch, so the count is per batch size), divided by the batch.
+    """
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from clipkit.loss import ContrastiveLoss
+    from clipkit.models.factory import bundle_from_config
+
+    bundle = bundle_from_config({"model_cfg": model_cfg, "preprocess_cfg": {}})
+    model, size = bundle.model.train(), model_cfg["vision_cfg"].get("image_size", 224)
+    images = torch.randn(batch, 3, size, size)
+    texts = bundle.tokenizer(["a photo of a cat"] * batch)
+    loss_fn = ContrastiveLoss("clip")
+    counter = FlopCounterMode(display=False)
+    with counter:
+        image_features, text_features, logit_scale = model(image=images, text=texts)[:3]
+        loss_fn(image_features, text_features, logit_scale, None).backward()
+    return counter.get_total_flops() / batch
+
+
+class StepClock:
+    """Timestamps of every optimizer step of this process, from torch's global optimizer step hook.
+
+    The hook is framework-neutral: the same clock times clipkit and open_clip_train, each in its own process, and
+    knows nothing of either loop. `dump` writes {"times": [...]} (seconds, perf_counter) for the parent to read.
+    """
+
+    def __init__(self):
+        self.times: list[float] = []
+        from torch.optim.optimizer import register_optimizer_step_post_hook
+
+        register_optimizer_step_post_hook(lambda *_: self.times.append(time.perf_counter()))
+
+    def dump(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps({"times": self.times}))
+
+
+def throughput(times: list[float], batch: int, skip: int) -> float:
+    """Samples/s over the steps after the first `skip` (warm-up, compile, worker start): both sides alike."""
+    if len(times) < skip + 2:
+        raise ValueError(f"{len(times)} steps timed; need more than skip={skip} + 1")
+    return batch * (len(times) - 1 - skip) / (times[-1] - times[skip])
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values)
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)

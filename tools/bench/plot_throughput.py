@@ -1,0 +1,68 @@
+"""Plots training throughput against batch size for clipkit and open_clip_train, from bench_train.py's JSON.
+
+One panel per JSON file (e.g. the quickstart model and the 224 px photo model): median samples/s of the pairs at
+each batch size, the individual pairs as dots, and each point's MFU as a label.
+
+    python tools/bench/plot_throughput.py docs/images/train_vs_batch_quickstart.json \
+        docs/images/train_vs_batch_photo224.json --out docs/images/train_vs_batch.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+SIDES = (("clipkit", "clipkit", "tab:blue"), ("open_clip", "open_clip_train", "tab:orange"))
+
+
+def panel(ax, data: dict, title: str) -> None:
+    """One framework-vs-framework throughput curve over batch sizes."""
+    results = sorted(data["results"], key=lambda r: r["batch"])
+    batches = [r["batch"] for r in results]
+    for key, label, color in SIDES:
+        medians = [r["median"][f"{key}_samples_per_s"] for r in results]
+        ax.plot(batches, medians, "o-", color=color, label=label)
+        for r in results:
+            ax.scatter([r["batch"]] * len(r["pairs"]), [p[f"{key}_samples_per_s"] for p in r["pairs"]], s=10,
+                       color=color, alpha=0.35)  # fmt: skip
+        for b, m, r in zip(batches, medians, results, strict=True):
+            ax.annotate(f"{r['median'][f'{key}_mfu']:.0%}", (b, m), textcoords="offset points", xytext=(4, 4),
+                        fontsize=7, color=color)  # fmt: skip
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(batches, [str(b) for b in batches])
+    ax.set_xlabel("batch size per process")
+    ax.set_ylabel("samples/s (labels: MFU)")
+    ax.set_ylim(bottom=0)
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("inputs", nargs="+", help="bench_train.py --json files")
+    p.add_argument("--out", required=True, help="PNG to write")
+    a = p.parse_args(argv)
+    datas = [json.loads(Path(f).read_text()) for f in a.inputs]
+    fig, axes = plt.subplots(1, len(datas), figsize=(5.5 * len(datas), 4), squeeze=False)
+    for ax, data in zip(axes[0], datas, strict=True):
+        m, s = data["machine"], data["settings"]
+        name = data.get("preset") or "custom model"
+        title = f"{name}: {m['cores']} cores ({m['cpu']}), {s['precision']}, {s['workers']} worker(s), {m['date'][:10]}"
+        panel(ax, data, title)
+    fig.tight_layout()
+    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(a.out, dpi=120)
+    print(a.out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
