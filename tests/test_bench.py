@@ -70,8 +70,9 @@ def test_bench_train_prints_ratio_and_mfu_and_plots(photos, tmp_path):
     assert re.search(r"clipkit [\d.]+ samples/s \(MFU [\d.]+%\), open_clip_train [\d.]+ samples/s \(MFU", out), out
     result = json.loads((tmp_path / "t.json").read_text())
     assert [r["batch"] for r in result["results"]] == [4, 8] and result["results"][0]["flops_per_sample"] > 0
-    run_tool("plot_throughput.py", str(tmp_path / "t.json"), "--out", str(tmp_path / "plot.png"))
-    assert Image.open(tmp_path / "plot.png").size[0] > 100
+    for by in ("batch", "flops"):
+        run_tool("plot_throughput.py", str(tmp_path / "t.json"), "--by", by, "--out", str(tmp_path / f"{by}.png"))
+        assert Image.open(tmp_path / f"{by}.png").size[0] > 100
 
 
 def test_bench_variants_and_optim_print_their_figures(photos, tmp_path):

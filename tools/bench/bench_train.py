@@ -8,9 +8,10 @@ Each job is a fresh process (tools/bench/runner.py) whose optimizer steps are ti
 throughput counts the steps after the first --skip (worker start, shuffle-buffer fill, compilation) on both sides.
 
 Runs come in A/B pairs, the order alternating between pairs so background load hits both sides, each pair
-holding the machine-wide benchmark lock. Beside each pair: the fp32 matmul peak measured in this run (before the
-pair) and each side's MFU = FLOPs/sample x samples/s / peak, with FLOPs/sample counted by torch's
-FlopCounterMode on one forward + backward of the model and loss. The last line is the ratio (median of pairs).
+holding the machine-wide benchmark lock. Beside each pair: the matmul peak at the run's precision, on the training
+device (the GPU if there is one), measured in this run before the pair (common.matmul_peak), and each side's
+MFU = FLOPs/sample x samples/s / peak, with FLOPs/sample counted by torch's FlopCounterMode on one forward +
+backward of the model and loss. The last line is the ratio (median of pairs).
 
     python tools/bench/bench_train.py --preset quickstart --data 'data/fashion-mnist/train-*.tar' --pairs 3
     python tools/bench/bench_train.py --preset photo224 --data '/tmp/clipkit-bench/photos/photos-*.tar' \
@@ -136,7 +137,7 @@ def bench_batch(model_cfg: dict, shards: list[str], a, batch: int, tmp: Path) ->
         order = ["clipkit", "open_clip"] if i % 2 == 0 else ["open_clip", "clipkit"]
         with bench_lock(a.lock):
             load_before = os.getloadavg()[0]
-            peak = matmul_peak()
+            peak = matmul_peak(a.precision)
             sps = {fw: run_one(fw, tmp / f"b{batch}-p{i}-{fw}", model_cfg, shards, a, batch)[0] for fw in order}
             load_after = os.getloadavg()[0]
         pair = {

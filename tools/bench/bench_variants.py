@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
             order = variants[r % len(variants) :] + variants[: r % len(variants)]
             with bench_lock(a.lock or None):
                 load = os.getloadavg()[0]
-                peaks.append(matmul_peak())
+                peaks.append(matmul_peak(a.precision))
                 for name, overrides, code in order:
                     work = Path(tmp) / f"r{r}-{name}"
                     sps, _ = run_one("clipkit", work, model_cfg, shards, a, a.batch, overrides, code)
