@@ -69,8 +69,21 @@ RN128_MODEL = {
     "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 128, "heads": 4, "layers": 2, "mlp_ratio": 2.0},
 }
 
+
+def open_clip_model(name: str) -> dict:
+    """An architecture of open_clip's zoo by name (its JSON config), e.g. ViT-B-16 for the GPU figures."""
+    import open_clip
+
+    cfg = open_clip.get_model_config(name)
+    if cfg is None:
+        raise SystemExit(f"open_clip has no model config {name!r}")
+    return json.loads(json.dumps(cfg))
+
+
 PRESETS = {
     "quickstart": quickstart_model,
+    "ViT-B-16": lambda: open_clip_model("ViT-B-16"),
+    "ViT-B-32": lambda: open_clip_model("ViT-B-32"),
     "photo224": lambda: json.loads(json.dumps(PHOTO224_MODEL)),
     "photo224-w64": lambda: photo224_model(64),
     "photo224-w96": lambda: photo224_model(96),
@@ -163,16 +176,18 @@ def train_flops_per_sample(model_cfg: dict, batch: int) -> float:
 
     torch.utils.flop_counter.FlopCounterMode counts matmuls, convolutions and attention in one real fwd+bwd at
     `batch` (the loss's [B, B] logits grow with the batch, so the count is per batch size), divided by the batch.
+    On the GPU when there is one (a ViT-B/16 step at batch 256 is ~9 TFLOP: minutes on a CPU), else on the CPU.
     """
     from torch.utils.flop_counter import FlopCounterMode
 
     from clipkit.loss import ContrastiveLoss
     from clipkit.models.factory import bundle_from_config
 
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     bundle = bundle_from_config({"model_cfg": model_cfg, "preprocess_cfg": {}})
-    model, size = bundle.model.train(), model_cfg["vision_cfg"].get("image_size", 224)
-    images = torch.randn(batch, 3, size, size)
-    texts = bundle.tokenizer(["a photo of a cat"] * batch)
+    model, size = bundle.model.train().to(device), model_cfg["vision_cfg"].get("image_size", 224)
+    images = torch.randn(batch, 3, size, size, device=device)
+    texts = bundle.tokenizer(["a photo of a cat"] * batch).to(device)
     loss_fn = ContrastiveLoss("clip")
     counter = FlopCounterMode(display=False)
     with counter:
