@@ -75,7 +75,7 @@ def test_bench_train_prints_ratio_and_mfu_and_plots(photos, tmp_path):
         assert Image.open(tmp_path / f"{by}.png").size[0] > 100
 
 
-def test_bench_variants_and_optim_print_their_figures(photos, tmp_path):
+def test_bench_variants_optim_step_and_stages_print_their_figures(photos, tmp_path):
     cfg = tmp_path / "tiny.json"
     cfg.write_text(json.dumps(TINY_MODEL))
     out = run_tool("bench_variants.py", "--model-config", str(cfg), "--data", str(photos / "photos-*.tar"),
@@ -84,6 +84,10 @@ def test_bench_variants_and_optim_print_their_figures(photos, tmp_path):
     assert re.search(r"pil: median [\d.]+ samples/s \[[\d.]+\] \(MFU [\d.]+%\); x\d+\.\d+ of fast", out), out
     out = run_tool("bench_optim.py", "--model-config", str(cfg), "--rounds", "1", "--steps", "1", "--lock", "")
     assert re.search(r"fused: [\d.]+ ms a step", out), out
+    out = run_tool("bench_step.py", "--model-config", str(cfg), "--batch", "4", "--repeats", "1", "--profile", "3",
+                   "--lock", "")  # fmt: skip
+    assert re.search(r"tiny: [\d.]+ ms a step of 4, [\d.]+ ms a sample, [\d.]+ samples/s, MFU [\d.]+%", out), out
+    assert len(re.findall(r"^  aten::\S+ +[\d.]+ ms a step", out, re.M)) == 3, out
     out = run_tool(
         "bench_stages.py", "--data", str(photos / "photos-*.tar"), "--n", "8", "--repeats", "1", "--lock", ""
     )
