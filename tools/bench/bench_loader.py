@@ -28,7 +28,17 @@ from types import SimpleNamespace
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import LOCK_PATH, PRESETS, bench_lock, default_threads, log, machine, median, thread_env  # noqa: E402
+from common import (  # noqa: E402
+    LOCK_PATH,
+    PRESETS,
+    bench_lock,
+    default_threads,
+    log,
+    machine,
+    median,
+    thread_env,
+    write_json,
+)
 
 
 def transforms_and_tokenizer(model_cfg: dict):
@@ -157,9 +167,7 @@ def main(argv: list[str] | None = None) -> int:
         "pairs": pairs,
         "median_ratio": ratio,
     }
-    if a.json:
-        Path(a.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(a.json).write_text(json.dumps(out, indent=2))
+    write_json(a.json, out)
     ratios = ", ".join(f"{p['ratio']:.3f}" for p in pairs)
     print(f"loader ratio clipkit/open_clip_train (median of {len(pairs)}): {ratio:.3f} [{ratios}]")
     return 0

@@ -18,7 +18,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import LOCK_PATH, PRESETS, bench_lock, log, machine, median  # noqa: E402
+from common import LOCK_PATH, PRESETS, bench_lock, log, machine, median, write_json  # noqa: E402
 
 from clipkit.models.factory import bundle_from_config  # noqa: E402
 from clipkit.optim import param_groups  # noqa: E402
@@ -66,8 +66,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"round {r + 1} (load {load:.2f}): " + ", ".join(f"{k} {v[-1] * 1e3:.1f} ms" for k, v in times.items()))
     for kind, v in times.items():
         print(f"{kind}: {median(v) * 1e3:.1f} ms a step ({n / 1e6:.1f}M parameters, {a.threads} thread(s))")
-    if a.json:
-        Path(a.json).write_text(json.dumps({"machine": info, "parameters": n, "step_s": times}, indent=2))
+    write_json(a.json, {"machine": info, "parameters": n, "step_s": times})
     return 0
 
 

@@ -23,7 +23,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import LOCK_PATH, bench_lock, log, machine  # noqa: E402
+from common import LOCK_PATH, bench_lock, log, machine, write_json  # noqa: E402
 
 from clipkit.data.pipeline import FastCrop, decode_jpeg_tensor, read_tar_samples  # noqa: E402
 from clipkit.data.shards import expand_shards  # noqa: E402
@@ -98,8 +98,7 @@ def main(argv: list[str] | None = None) -> int:
         sides[side] = sum(v for k, v in best.items() if k.startswith(side) and not ("1/2 size" in k or "whole" in k))
     print(f"sum, open_clip_train stages: {sides['open_clip_train'] * 1e3:.3f} ms; clipkit stages (full-size decode "
           f"path): {sides['clipkit'] * 1e3:.3f} ms an image")  # fmt: skip
-    if a.json:
-        Path(a.json).write_text(json.dumps({"machine": info, "ms": {k: v * 1e3 for k, v in best.items()}}, indent=2))
+    write_json(a.json, {"machine": info, "ms": {k: v * 1e3 for k, v in best.items()}})
     return 0
 
 

@@ -29,28 +29,24 @@ from common import (  # noqa: E402
     bench_lock,
     default_threads,
     log,
+    loss_backward,
     machine,
     matmul_peak,
+    synthetic_model,
     train_flops_per_sample,
+    write_json,
 )
 
-from clipkit.loss import ContrastiveLoss  # noqa: E402
-from clipkit.models.factory import bundle_from_config  # noqa: E402
 from clipkit.optim import make_optimizer  # noqa: E402
 
 
 def step_fn(model_cfg: dict, batch: int):
     """One full training step of the model on fixed synthetic inputs (images [B, 3, S, S], tokens [B, L])."""
-    bundle = bundle_from_config({"model_cfg": model_cfg, "preprocess_cfg": {}})
-    model, size = bundle.model.train(), model_cfg["vision_cfg"].get("image_size", 224)
-    images = torch.randn(batch, 3, size, size)
-    texts = bundle.tokenizer(["a photo of a red apple and a rocket"] * batch)
-    loss_fn = ContrastiveLoss("clip")
+    model, images, texts = synthetic_model(model_cfg, batch)
     optimizer = make_optimizer(model, 1e-4, 0.1, (0.9, 0.98), 1e-6)
 
     def step() -> None:
-        image_features, text_features, logit_scale = model(image=images, text=texts)[:3]
-        loss_fn(image_features, text_features, logit_scale, None).backward()
+        loss_backward(model, images, texts)
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -104,8 +100,7 @@ def main(argv: list[str] | None = None) -> int:
             for e in ops:
                 ms = e.self_cpu_time_total / 1e3 / a.repeats
                 print(f"  {e.key[:60]:60s} {ms:7.1f} ms a step ({e.count // a.repeats} calls)")
-    if a.json:
-        Path(a.json).write_text(json.dumps({"machine": info, "results": results}, indent=2))
+    write_json(a.json, {"machine": info, "results": results})
     return 0
 
 

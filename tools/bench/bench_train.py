@@ -47,6 +47,7 @@ from common import (  # noqa: E402
     thread_env,
     throughput,
     train_flops_per_sample,
+    write_json,
 )
 
 from clipkit.data.shards import expand_shards  # noqa: E402
@@ -214,9 +215,7 @@ def main(argv: list[str] | None = None) -> int:
         "shards": shards,
         "results": results,
     }
-    if a.json:
-        Path(a.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(a.json).write_text(json.dumps(out, indent=2))
+    write_json(a.json, out)
     for r in results:
         m = r["median"]
         print(

@@ -34,6 +34,7 @@ from common import (  # noqa: E402
     matmul_peak,
     median,
     train_flops_per_sample,
+    write_json,
 )
 
 from clipkit.data.shards import expand_shards  # noqa: E402
@@ -95,10 +96,9 @@ def main(argv: list[str] | None = None) -> int:
         runs = ", ".join(f"{x:.1f}" for x in s["runs"])
         print(f"{n}: median {s['median']:.1f} samples/s [{runs}] (MFU {s['mfu']:.1%}); x{s['vs_first']:.3f} of {first}")
     print(f"{flops / 1e9:.3f} GFLOP/sample, peak {peak / 1e9:.1f} GFLOP/s (median of rounds)")
-    if a.json:
-        out = {"benchmark": "variants", "machine": info, "settings": vars(a), "variants": a.variant, "results": summary,
-               "flops_per_sample": flops, "peak_flops": peaks}  # fmt: skip
-        Path(a.json).write_text(json.dumps(out, indent=2))
+    out = {"benchmark": "variants", "machine": info, "settings": vars(a), "variants": a.variant, "results": summary,
+           "flops_per_sample": flops, "peak_flops": peaks}  # fmt: skip
+    write_json(a.json, out)
     return 0
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import json
 import os
 import platform
@@ -171,6 +172,31 @@ def matmul_peak(precision: str = "fp32", seconds: float = 1.0) -> float:
     return 2 * n**3 / best
 
 
+def synthetic_model(model_cfg: dict, batch: int, device: torch.device | str = "cpu"):
+    """(model in train mode, images [B, 3, S, S] random, tokens [B, L] of one caption) for timing and counting."""
+    from clipkit.models.factory import bundle_from_config
+
+    bundle = bundle_from_config({"model_cfg": model_cfg, "preprocess_cfg": {}})
+    size = model_cfg["vision_cfg"].get("image_size", 224)
+    images = torch.randn(batch, 3, size, size, device=device)
+    texts = bundle.tokenizer(["a photo of a red apple and a rocket"] * batch).to(device)
+    return bundle.model.train().to(device), images, texts
+
+
+@functools.cache
+def clip_loss():
+    """The clipkit CLIP loss module, built once for every step counted or timed here."""
+    from clipkit.loss import ContrastiveLoss
+
+    return ContrastiveLoss("clip")
+
+
+def loss_backward(model: torch.nn.Module, images: torch.Tensor, texts: torch.Tensor) -> None:
+    """Forward, the CLIP loss and backward: the part of a training step that FLOPs are counted over."""
+    image_features, text_features, logit_scale = model(image=images, text=texts)[:3]
+    clip_loss()(image_features, text_features, logit_scale, None).backward()
+
+
 def train_flops_per_sample(model_cfg: dict, batch: int) -> float:
     """FLOPs of one training sample: forward + backward of the model and the CLIP loss, counted by torch.
 
@@ -180,19 +206,11 @@ def train_flops_per_sample(model_cfg: dict, batch: int) -> float:
     """
     from torch.utils.flop_counter import FlopCounterMode
 
-    from clipkit.loss import ContrastiveLoss
-    from clipkit.models.factory import bundle_from_config
-
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    bundle = bundle_from_config({"model_cfg": model_cfg, "preprocess_cfg": {}})
-    model, size = bundle.model.train().to(device), model_cfg["vision_cfg"].get("image_size", 224)
-    images = torch.randn(batch, 3, size, size, device=device)
-    texts = bundle.tokenizer(["a photo of a cat"] * batch).to(device)
-    loss_fn = ContrastiveLoss("clip")
     counter = FlopCounterMode(display=False)
+    model, images, texts = synthetic_model(model_cfg, batch, device)
     with counter:
-        image_features, text_features, logit_scale = model(image=images, text=texts)[:3]
-        loss_fn(image_features, text_features, logit_scale, None).backward()
+        loss_backward(model, images, texts)
     return counter.get_total_flops() / batch
 
 
@@ -222,6 +240,13 @@ def throughput(times: list[float], batch: int, skip: int) -> float:
 
 def median(values: list[float]) -> float:
     return statistics.median(values)
+
+
+def write_json(path: str | None, obj: dict) -> None:
+    """Writes a benchmark's results (indented JSON) when --json was given, creating its folder."""
+    if path:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(json.dumps(obj, indent=2))
 
 
 def log(msg: str) -> None:
