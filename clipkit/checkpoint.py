@@ -10,7 +10,6 @@ checkpoints are removed only after a newer one is complete.
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import signal
@@ -20,6 +19,7 @@ from pathlib import Path
 from accelerate import Accelerator
 
 from clipkit import faults
+from clipkit.files import write_json_atomic
 from clipkit.models import save_model
 
 COMPLETE = "COMPLETE"
@@ -106,10 +106,7 @@ def save_checkpoint(
     state = accelerator.get_state_dict(model)  # a collective under FSDP: every process calls it
     if accelerator.is_main_process:
         save_model(ckpt / "model", state, config, {"recipe": name, "step": progress.step})
-    target = progress_file(ckpt, accelerator.process_index)
-    tmp = target.with_name(f".{target.name}.tmp")
-    tmp.write_text(json.dumps(asdict(progress), indent=2))
-    os.replace(tmp, target)
+    write_json_atomic(progress_file(ckpt, accelerator.process_index), asdict(progress), sort_keys=False)
     accelerator.wait_for_everyone()
     faults.maybe_signal("sigkill_in_checkpoint", progress.step, signal.SIGKILL)
     if accelerator.is_main_process:

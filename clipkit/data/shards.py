@@ -17,12 +17,13 @@ import zlib
 from collections.abc import Iterable
 from glob import glob
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import webdataset as wds
 from braceexpand import braceexpand
 from PIL import Image
+
+from clipkit.files import write_json_atomic
 
 SIZES_FILE = "sizes.json"
 IMAGE_EXTS = frozenset({"png", "jpg", "jpeg", "webp"})
@@ -75,26 +76,6 @@ def encode_png_array(pixels: np.ndarray, compress_level: int = 1) -> bytes:
 
 def _png_chunk(kind: bytes, data: bytes) -> bytes:
     return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(data, zlib.crc32(kind)))
-
-
-def write_json_atomic(path: Path, obj: Any) -> None:
-    """Writes ``obj`` as JSON so that readers never see a half-written file.
-
-    Args:
-        path: Destination file.
-        obj: A JSON-serializable object.
-    """
-    path = Path(path)
-    # Same folder, so os.replace is a rename on one filesystem; not mkstemp, whose 0600 mode would stick.
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(obj, f, indent=2, sort_keys=True, ensure_ascii=False)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def _shard_name_re(prefix: str) -> re.Pattern[str]:

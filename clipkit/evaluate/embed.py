@@ -19,7 +19,8 @@ import torch
 from tqdm.auto import tqdm
 
 from clipkit.data.pipeline import iter_eval_samples, worker_info
-from clipkit.data.shards import read_sizes, write_json_atomic
+from clipkit.data.shards import read_sizes
+from clipkit.files import write_json_atomic
 from clipkit.index import (
     EMBED_INFO_FILE,
     IMAGE_EMB_FILE,

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import os
 from collections import Counter
 from pathlib import Path
 
@@ -19,6 +17,7 @@ from clipkit.evaluate.linear_probe import DEFAULT_C_GRID
 from clipkit.evaluate.linear_probe import linear_probe as fit_linear_probe
 from clipkit.evaluate.retrieval import retrieval_metrics
 from clipkit.evaluate.zeroshot import class_embeddings, fill_templates, zeroshot_metrics
+from clipkit.files import write_json_atomic
 from clipkit.models import ModelBundle
 
 
@@ -181,7 +180,5 @@ def write_result(path: Path, dataset: str, model: str, task: str, metrics: dict)
     """Writes {"dataset", "model", "task", "metrics"} atomically and returns it."""
     result = {"dataset": dataset, "model": model, "task": task, "metrics": metrics}
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(result, indent=2))
-    os.replace(tmp, path)
+    write_json_atomic(path, result, sort_keys=False)
     return result

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from clipkit.files import atomic_path
 from clipkit.index.errors import IndexFileError
 from clipkit.index.rows import MappedRows
 from clipkit.index.store import (
@@ -200,8 +200,12 @@ def read_meta(path: Path) -> list[dict[str, Any]]:
 def write_meta(path: Path, rows: Sequence[dict[str, Any]]) -> None:
     """Writes metadata rows as JSONL or, for a .parquet path, as parquet (key, captions, extra); atomically."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    if path.suffix == ".parquet":
+    with atomic_path(path) as tmp:
+        _write_meta_to(tmp, path.suffix == ".parquet", rows)
+
+
+def _write_meta_to(tmp: Path, parquet: bool, rows: Sequence[dict[str, Any]]) -> None:
+    if parquet:
         import pyarrow as pa
         import pyarrow.parquet as pq
 
@@ -220,7 +224,6 @@ def write_meta(path: Path, rows: Sequence[dict[str, Any]]) -> None:
         with open(tmp, "w", encoding="utf-8") as f:
             for row in rows:
                 f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
 
 
 def count_meta_rows(path: Path) -> int:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -12,6 +11,7 @@ from typing import Any
 import faiss
 import numpy as np
 
+from clipkit.files import atomic_path, write_json_atomic
 from clipkit.index.build import _hnsw_of, build_index, choose_factory, is_compressed
 from clipkit.index.embeddings import _meta_path, image_rows, load_embeddings, read_meta
 from clipkit.index.errors import IndexFileError
@@ -34,7 +34,6 @@ from clipkit.index.store import (
     META_FILE,
     META_PARQUET_FILE,
     REPORT_FILE,
-    _write_json,
     load_index,
     save_index,
 )
@@ -113,7 +112,7 @@ def build_index_dir(
     if (out_dir / EMBED_INFO_FILE).resolve() != (emb_dir / EMBED_INFO_FILE).resolve():
         shutil.copyfile(emb_dir / EMBED_INFO_FILE, out_dir / EMBED_INFO_FILE)
     if report is not None:
-        _write_json(out_dir / REPORT_FILE, report)
+        write_json_atomic(out_dir / REPORT_FILE, report)
     # index.json is written last: its presence marks a complete index folder.
     meta = {
         "factory": factory,
@@ -177,20 +176,19 @@ def _write_index_meta(emb: dict[str, Any], out_dir: Path) -> str:
     target = out_dir / name
     if len(files) == 1 and files[0].resolve() == target.resolve():
         return name
-    tmp = target.with_name(f".{name}.tmp")
-    if parquet:
-        import pyarrow.parquet as pq
+    with atomic_path(target) as tmp:
+        if parquet:
+            import pyarrow.parquet as pq
 
-        schema = pq.read_schema(files[0])
-        with pq.ParquetWriter(tmp, schema) as writer:
-            for f in files:
-                writer.write_table(pq.read_table(f, schema=schema))
-    else:
-        with open(tmp, "wb") as out:
-            for f in files:
-                with open(f, "rb") as src:
-                    shutil.copyfileobj(src, out)
-    os.replace(tmp, target)
+            schema = pq.read_schema(files[0])
+            with pq.ParquetWriter(tmp, schema) as writer:
+                for f in files:
+                    writer.write_table(pq.read_table(f, schema=schema))
+        else:
+            with open(tmp, "wb") as out:
+                for f in files:
+                    with open(f, "rb") as src:
+                        shutil.copyfileobj(src, out)
     for stale in (META_FILE, META_PARQUET_FILE):  # a rebuild in another metadata format
         if stale != name:
             (out_dir / stale).unlink(missing_ok=True)

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
 import faiss
 import numpy as np
 
+from clipkit.files import atomic_path, write_json_atomic
 from clipkit.index.build import _metric_name, get_search_params
 from clipkit.index.errors import IndexFileError, _faiss_message
 
@@ -49,10 +49,9 @@ def save_index(out_dir: Path, index: faiss.Index, meta: dict[str, Any]) -> dict[
             raise ValueError(f"save_index: meta[{key!r}] = {meta[key]!r} but the index has {value!r}")
     out_dir.mkdir(parents=True, exist_ok=True)
     index_path = out_dir / INDEX_FILE
-    tmp = index_path.with_name(INDEX_FILE + ".tmp")
-    faiss.write_index(index, str(tmp))
-    file_bytes = tmp.stat().st_size
-    os.replace(tmp, index_path)
+    with atomic_path(index_path) as tmp:
+        faiss.write_index(index, str(tmp))
+        file_bytes = tmp.stat().st_size
     info = {
         "factory": None,
         **meta,
@@ -61,7 +60,7 @@ def save_index(out_dir: Path, index: faiss.Index, meta: dict[str, Any]) -> dict[
         "faiss_version": faiss.__version__,
         "file_bytes": file_bytes,
     }
-    _write_json(out_dir / INDEX_INFO_FILE, info)
+    write_json_atomic(out_dir / INDEX_INFO_FILE, info)
     return info
 
 
@@ -123,9 +122,3 @@ def _read_json(path: Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise IndexFileError(f"{path}: expected a JSON object, got {type(data).__name__}")
     return data
-
-
-def _write_json(path: Path, data: dict[str, Any]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    os.replace(tmp, path)

@@ -9,12 +9,12 @@ reads them from DIR. Loading never unpickles: weights are safetensors only.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
+from clipkit.files import atomic_path, write_json_atomic
 from clipkit.models.factory import ModelBundle, bundle_from_config
 
 CONFIG_NAME = "open_clip_config.json"
@@ -45,13 +45,10 @@ def save_model(
     out_dir.mkdir(parents=True, exist_ok=True)
     state = model if isinstance(model, dict) else _unwrap(model).state_dict()
     state = {k: v.detach().contiguous().cpu() for k, v in state.items()}
-    tmp = out_dir / f".{WEIGHTS_NAME}.tmp"
-    save_file(state, str(tmp), metadata={"format": "pt"})
-    os.replace(tmp, out_dir / WEIGHTS_NAME)
+    with atomic_path(out_dir / WEIGHTS_NAME) as tmp:
+        save_file(state, str(tmp), metadata={"format": "pt"})
     for name, payload in ((CONFIG_NAME, config), (INFO_NAME, info or {})):
-        tmp = out_dir / f".{name}.tmp"
-        tmp.write_text(json.dumps(payload, indent=2, default=list))
-        os.replace(tmp, out_dir / name)
+        write_json_atomic(out_dir / name, payload, sort_keys=False, default=list)
     save_tokenizer(out_dir, config)
     return out_dir
 

@@ -13,7 +13,8 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from clipkit.data.shards import encode_png, write_json_atomic, write_shards
+from clipkit.data.shards import encode_png, write_shards
+from clipkit.files import write_json_atomic
 
 CLASSNAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 TEMPLATES = ("a photo of the digit {c}.", "a handwritten digit {c}.", "the number {c}.")

@@ -25,7 +25,8 @@ from pathlib import Path
 from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
-from clipkit.data.shards import encode_png, write_json_atomic, write_shards
+from clipkit.data.shards import encode_png, write_shards
+from clipkit.files import write_json_atomic
 
 FONT_PATH = Path("/usr/share/fonts/truetype/noto/NotoColorEmoji.ttf")
 EMOJI_TEST_PATH = Path("/usr/share/unicode/emoji/emoji-test.txt")

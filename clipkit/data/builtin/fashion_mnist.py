@@ -15,7 +15,8 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from clipkit.data.shards import encode_png_array, write_json_atomic, write_shards
+from clipkit.data.shards import encode_png_array, write_shards
+from clipkit.files import write_json_atomic
 
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 SOURCE_FILES = {

@@ -57,7 +57,8 @@ from PIL import Image
 from tqdm import tqdm
 
 from clipkit.data.builtin.svg_captions import MAX_SHARE, SvgMetadata, assign_captions, parse_svg_metadata, title_group
-from clipkit.data.shards import encode_png, write_json_atomic, write_shards
+from clipkit.data.shards import encode_png, write_shards
+from clipkit.files import write_bytes_atomic, write_json_atomic
 
 SVG_DIR = Path("/usr/share/openclipart/svg")
 DEBIAN_PACKAGE = "openclipart-svg"
@@ -261,9 +262,7 @@ def _cache_write(cache_dir: Path, key: str, result: dict, timeout: float | None)
     meta_path, png_path = _cache_paths(cache_dir, key)
     meta_path.parent.mkdir(parents=True, exist_ok=True)
     if result["png"] is not None:
-        tmp = png_path.with_name(f".{png_path.name}.{os.getpid()}.tmp")
-        tmp.write_bytes(result["png"])
-        os.replace(tmp, png_path)
+        write_bytes_atomic(png_path, result["png"])
     # Written last: an entry counts only once its json exists.
     write_json_atomic(meta_path, {**{k: v for k, v in result.items() if k != "png"}, "timeout": timeout})
 
