@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
 import os
 import sys
 from pathlib import Path
 
-from clipkit.config import RecipeError
+from clipkit.files import DiskFullError
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
@@ -38,39 +39,43 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
     if args.task == "report":
         return _eval_report(args)
-    bundle, device = _load(args.checkpoint)
-    if args.task == "zeroshot":
-        templates = evals.read_lines(args.templates, "templates") if args.templates else None
-        if Path(args.data).is_dir() and any(p.is_dir() for p in Path(args.data).iterdir()):
-            # An image folder (one subfolder per class); class names default to the subfolder names.
-            classnames = evals.read_lines(args.classnames, "classnames") if args.classnames else None
-            metrics = evals.zeroshot_folder(bundle, args.data, classnames, templates, args.batch_size, device)
-        else:
-            if not args.classnames:
-                raise SystemExit("clipkit eval zeroshot: --classnames is required with shards")
-            classnames = evals.read_lines(args.classnames, "classnames")
-            metrics = evals.zeroshot(
-                bundle, _shard_spec(args.data), classnames, templates, args.batch_size, device, args.workers
-            )
-        source = args.data
-    elif args.task == "linear-probe":
-        metrics = evals.linear_probe(
-            bundle, _shard_spec(args.train), _shard_spec(args.test), args.batch_size, device, workers=args.workers
-        )
-        source = args.train
-    else:
-        metrics = evals.retrieval(bundle, _shard_spec(args.data), args.batch_size, device, args.workers)
-        source = args.data
-    dataset = args.dataset or _dataset_name(source)
+    out = _out_file(args.out)  # before any work: a wrong --out is refused at once
     task = args.task.replace("-", "_")
-    result = evals.write_result(Path(args.out), dataset, str(args.checkpoint), task, metrics)
-    print(json.dumps(result, indent=2))
+    source = args.train if task == "linear_probe" else args.data
+    names, templates = getattr(args, "classnames", None), getattr(args, "templates", None)
+    bundle, device = _load(args.checkpoint)
+    metrics = evals.run_task(
+        bundle,
+        task,
+        source,
+        classnames=evals.read_lines(names, "classnames") if names else None,
+        templates=evals.read_lines(templates, "templates") if templates else None,
+        test_shards=getattr(args, "test", None),
+        batch_size=args.batch_size,
+        device=device,
+        workers=args.workers,
+        allow_missing=args.allow_missing,
+    )
+    result = evals.eval_result(args.dataset or _dataset_name(source), str(args.checkpoint), task, metrics)
+    print(json.dumps(result, indent=2), flush=True)  # first: a failed write below loses nothing
+    try:
+        evals.write_result(out, **result)
+    except OSError as e:
+        raise OSError(e.errno, f"{_reason(e)}; the result is printed above on stdout", str(out)) from None
     return 0
 
 
-def _shard_spec(data: str) -> str:
-    """A folder of shards stands for its *.tar files."""
-    return str(Path(data) / "*.tar") if Path(data).is_dir() else data
+def _out_file(path: str, flag: str = "--out") -> Path:
+    """An output file path, refused before any work when no file can be written there (a folder, a file as parent)."""
+    out = Path(path)
+    if out.is_dir():
+        raise IsADirectoryError(
+            errno.EISDIR, f"{flag} is a folder; give a file path such as {out / 'result.json'}", path
+        )
+    parent = next((p for p in out.parents if p.exists()), Path("."))
+    if not parent.is_dir():
+        raise NotADirectoryError(errno.ENOTDIR, f"{flag}: {parent} is a file, not a folder", path)
+    return out
 
 
 def _dataset_name(source: str) -> str:
@@ -80,11 +85,13 @@ def _dataset_name(source: str) -> str:
 
 def _eval_report(args: argparse.Namespace) -> int:
     from clipkit.evaluate.report import collect_results, format_table
+    from clipkit.files import write_text_atomic
 
+    out = _out_file(args.out) if args.out else None
     table = format_table(collect_results(Path(args.run_dir)), args.format)
-    if args.out:
-        Path(args.out).write_text(table, encoding="utf-8")
-    print(table, end="")
+    print(table, end="", flush=True)
+    if out is not None:
+        write_text_atomic(out, table)
     return 0
 
 
@@ -96,7 +103,7 @@ def _cmd_embed(args: argparse.Namespace) -> int:
     rank = args.rank if args.rank is not None else int(os.environ.get("RANK", 0))
     world = args.world_size if args.world_size is not None else int(os.environ.get("WORLD_SIZE", 1))
     bundle, device = _load(args.checkpoint, int(os.environ.get("LOCAL_RANK", 0)))
-    urls = expand_shards(_shard_spec(args.data))
+    urls = expand_shards(args.data)
     summary = embed_parts(
         bundle.model,
         bundle.eval_transform,
@@ -270,6 +277,11 @@ def make_parser() -> argparse.ArgumentParser:
     common.add_argument("--batch-size", type=int, default=256)
     common.add_argument("--workers", type=int, default=1, help="loader processes that read and decode the shards")
     common.add_argument("--out", required=True, help="result JSON path")
+    common.add_argument(
+        "--allow-missing",
+        action="store_true",
+        help="report even when fewer samples were usable than the data holds (sizes.json, skipped, truncated shards)",
+    )
     ez = esub.add_parser("zeroshot", parents=[common], help="zero-shot classification (shards or image folder)")
     ez.add_argument("--data", required=True, help="labelled shard spec, or an image folder DIR/<class>/<image>")
     ez.add_argument(
@@ -374,15 +386,39 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("faiss").setLevel(logging.WARNING)  # its loader logs every CPU feature probe at INFO
     logging.getLogger("accelerate").setLevel(logging.WARNING)  # one INFO line per file of every checkpoint
     try:
-        return args.fn(args)
-    except (RecipeError, FileNotFoundError, ValueError) as e:
-        print(f"clipkit {args.command}: error: {e}", file=sys.stderr)
+        code = args.fn(args)
+        sys.stdout.flush()  # a closed pipe shows up here, not in the interpreter's last flush
+        return code
+    except BrokenPipeError:
+        # `clipkit models | head`: the reader has what it wanted. End quietly; stdout goes to /dev/null so that
+        # the interpreter's final flush cannot fail again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+    except (ValueError, OSError) as e:  # user errors: RecipeError, DataError, FileNotFoundError, a full disk, ...
+        print(f"clipkit {args.command}: error: {_reason(e)}", file=sys.stderr)
+        return 2
+    except SystemExit as e:
+        if not isinstance(e.code, str):
+            raise
+        print(f"clipkit {args.command}: error: {e.code}", file=sys.stderr)
         return 2
     except RuntimeError as e:
         if type(e).__name__ != "TrainingStopped":  # a bug: keep the traceback
             raise
         print(f"clipkit {args.command}: stopped: {e}", file=sys.stderr)
         return 3
+
+
+def _reason(e: BaseException) -> str:
+    """A user error as one line: "FILE: what happened", the message of an error raised in a DataLoader worker."""
+    if isinstance(e, DiskFullError):
+        return f"{e.strerror}: free some space, or write elsewhere, and run again"
+    if isinstance(e, OSError) and e.strerror:
+        return f"{e.filename}: {e.strerror}" if e.filename else e.strerror
+    text = str(e)
+    if text.startswith("Caught ") and "\nOriginal Traceback" in text:  # re-raised by the DataLoader: keep the message
+        text = text.rstrip().splitlines()[-1].split(": ", 1)[-1]
+    return text
 
 
 if __name__ == "__main__":

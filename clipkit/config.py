@@ -16,6 +16,8 @@ from typing import Any, Literal, Union
 
 import yaml
 
+from clipkit.files import write_text_atomic
+
 
 class RecipeError(ValueError):
     """A recipe key, type or value is invalid; the message names the dotted key."""
@@ -351,7 +353,7 @@ def apply_override(data: dict, override: str) -> None:
     if "=" not in override:
         raise RecipeError(f"override {override!r}: expected dotted.key=value")
     dotted, raw = override.split("=", 1)
-    value = yaml.safe_load(raw) if raw.strip() else ""
+    value = _parse_yaml(raw, f"override {override!r}: the value {raw!r}") if raw.strip() else ""
     keys = dotted.strip().split(".")
     node: Any = data
     for i, k in enumerate(keys[:-1]):
@@ -373,6 +375,37 @@ def apply_override(data: dict, override: str) -> None:
         node[last] = value
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, except that a key given twice in one mapping is an error (PyYAML keeps the last)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    "while reading a mapping", node.start_mark, f"found the key {key!r} twice", key_node.start_mark
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+def _parse_yaml(text: str, where: str) -> Any:
+    """YAML text -> Python values; a syntax error or a repeated key raises RecipeError with `where` and the line.
+
+    Raises:
+        RecipeError: "{where}, line L, column C: problem".
+    """
+    try:
+        return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader subclass)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        at = f", line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(e, "problem", None) or str(e)
+        context = getattr(e, "context", None)
+        raise RecipeError(f"{where}{at}: {problem}" + (f" ({context})" if context else "")) from None
+
+
 def load_recipe(path: str | Path | None, overrides: list[str] = ()) -> Recipe:
     """Reads a YAML recipe, applies dotted overrides, and returns the validated, frozen Recipe.
 
@@ -387,8 +420,12 @@ def load_recipe(path: str | Path | None, overrides: list[str] = ()) -> Recipe:
     if path is not None:
         path = Path(path)
         if not path.is_file():
-            raise RecipeError(f"recipe {path}: file not found")
-        data = yaml.safe_load(path.read_text()) or {}
+            raise RecipeError(f"recipe {path}: " + ("a folder, not a file" if path.is_dir() else "file not found"))
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise RecipeError(f"recipe {path}: not UTF-8 text (byte {e.start})") from None
+        data = _parse_yaml(text, f"recipe {path}") or {}
         if not isinstance(data, dict):
             raise RecipeError(f"recipe {path}: the top level must be a mapping")
     for o in overrides:
@@ -481,4 +518,4 @@ def validate(r: Recipe) -> None:
 
 def save_recipe(recipe: Recipe, path: Path) -> None:
     """Writes the resolved recipe (every field, defaults included) as YAML."""
-    path.write_text(yaml.safe_dump(to_dict(recipe), sort_keys=False))
+    write_text_atomic(path, yaml.safe_dump(to_dict(recipe), sort_keys=False))

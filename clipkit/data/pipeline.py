@@ -11,8 +11,12 @@ Training streams are deterministic functions of (seed, epoch, rank, worker), wit
   sample is seen exactly once per epoch across all processes and workers.
 
 Bad samples (undecodable images, missing captions, broken tars) are skipped and counted by reason; the counts
-since the previous batch ride along with each batch (`batch["skipped"]`) so they reach the main process from
-DataLoader workers.
+since the previous batch ride along with each batch (`batch["skipped"]`, `batch["skipped_shards"]`) so they reach
+the main process from DataLoader workers. A shard that cannot be read to its end (unreadable, empty, or truncated:
+no end-of-archive marker, which tarfile itself does not notice when the cut falls between members) is counted once
+per opening as `bad_shard`, named in a warning, and its readable samples are used. A stream that finds nothing to
+train on raises `DataError` naming the shards instead of spinning: no sample at all after every shard was opened
+twice (or `NO_SAMPLE_READS` shard openings), or no usable sample among the first `NO_USABLE_SAMPLES` read.
 
 Images take a fast path when the transform is open_clip's training transform (RandomResizedCrop -> RGB ->
 tensor -> Normalize; see `FastCrop`): the crop is drawn on the image size read from the header, a JPEG is decoded
@@ -28,10 +32,13 @@ from __future__ import annotations
 
 import io
 import json
+import logging
+import os
 import random
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -41,10 +48,18 @@ import webdataset as wds
 from PIL import Image
 from torchvision.io import ImageReadMode, decode_jpeg
 
-from clipkit.data.shards import read_sizes
+from clipkit.data.shards import has_end_marker, read_sizes
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 MAX_IMAGE_PIXELS = 64_000_000  # an "absurd" image: larger than ~8k x 8k is skipped, not decoded
+NO_SAMPLE_READS = 1000  # shard openings without a single sample after which a training stream gives up
+NO_USABLE_SAMPLES = 1000  # samples read without a usable one after which a training stream gives up
+
+log = logging.getLogger(__name__)
+
+
+class DataError(ValueError):
+    """Data that cannot be trained or evaluated on as asked; the message names the shards and the counts."""
 
 
 class SkipSample(Exception):
@@ -71,15 +86,32 @@ def image_bytes(sample: dict) -> bytes:
     return sample[ext]
 
 
+def sample_name(sample: dict) -> str:
+    """Where a sample comes from, for messages: "shard.tar:key", or the key alone (a file path for a folder)."""
+    key = sample.get("__key__", "?")
+    return f"{sample['__url__']}:{key}" if "__url__" in sample else str(key)
+
+
+class _NamedBytes(io.BytesIO):
+    """Encoded bytes that PIL's errors name by the sample they came from (PIL puts `repr(fp)` in its messages)."""
+
+    def __init__(self, data: bytes, name: str):
+        super().__init__(data)
+        self.sample = name
+
+    def __repr__(self) -> str:
+        return self.sample
+
+
 def open_image(sample: dict) -> Image.Image:
     """The sample's image, opened lazily: only the header is read (size, mode, format); raises SkipSample."""
     data = image_bytes(sample)
     try:
-        img = Image.open(io.BytesIO(data))
+        img = Image.open(_NamedBytes(data, sample_name(sample)))
     except Exception as e:  # PIL raises many kinds (OSError, SyntaxError, DecompressionBombError, ...)
-        raise SkipSample("bad_image", f"{type(e).__name__}: {e}") from None
+        raise SkipSample("bad_image", f"{sample_name(sample)}: {type(e).__name__}: {e}") from None
     if img.width * img.height > MAX_IMAGE_PIXELS:
-        raise SkipSample("image_too_large", f"{img.width}x{img.height}")
+        raise SkipSample("image_too_large", f"{sample_name(sample)}: {img.width}x{img.height}")
     return img
 
 
@@ -88,7 +120,8 @@ def load_rgb(img: Image.Image) -> Image.Image:
     try:
         img.load()
     except Exception as e:
-        raise SkipSample("bad_image", f"{type(e).__name__}: {e}") from None
+        name = getattr(getattr(img, "fp", None), "sample", None) or getattr(img, "filename", "") or "image"
+        raise SkipSample("bad_image", f"{name}: {type(e).__name__}: {e}") from None
     if img.mode in ("RGBA", "LA", "P") and ("transparency" in img.info or img.mode != "P"):
         rgba = img.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
@@ -101,7 +134,7 @@ def decode_image(sample: dict) -> Image.Image:
     return load_rgb(open_image(sample))
 
 
-def decode_jpeg_tensor(data: bytes) -> torch.Tensor:
+def decode_jpeg_tensor(data: bytes, name: str = "JPEG") -> torch.Tensor:
     """A JPEG as uint8 [3, H, W] (grey and CMYK converted to RGB, as PIL would); raises SkipSample.
 
     torchvision's libjpeg-turbo decoder writes straight into the tensor: for a 384 px photo, 1.1 ms against 1.8 ms
@@ -110,7 +143,7 @@ def decode_jpeg_tensor(data: bytes) -> torch.Tensor:
     try:
         return decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
     except RuntimeError as e:  # truncated or corrupt data
-        raise SkipSample("bad_image", f"{type(e).__name__}: {e}") from None
+        raise SkipSample("bad_image", f"{name}: {type(e).__name__}: {e}") from None
 
 
 PIL_FILTERS = {
@@ -200,7 +233,7 @@ class FastCrop:
             small = img.resize(self.size[::-1], PIL_FILTERS[self.interpolation], box=box)
             return torch.from_numpy(np.array(small)).permute(2, 0, 1)
         if img.format == "JPEG":
-            chw = decode_jpeg_tensor(image_bytes(sample))
+            chw = decode_jpeg_tensor(image_bytes(sample), sample_name(sample))
         else:
             chw = torch.from_numpy(np.array(load_rgb(img))).permute(2, 0, 1)  # [3, H, W] view of a writable copy
         return TF.resized_crop(chw, top, left, h, w, list(self.size), self.interpolation, antialias=True)
@@ -243,28 +276,99 @@ def decode_json(sample: dict) -> dict:
         raise SkipSample("bad_json", sample.get("__key__", "?")) from None
 
 
-def read_tar_samples(urls: Iterator[str], stats: Counter, shard_stats: Counter | None = None) -> Iterator[dict]:
-    """Samples of the given tar files in order; a broken or missing tar is counted once (`bad_shard`) and skipped.
+_warned_shards: set[str] = set()  # shards this process has already warned about (resampled streams reread them)
+
+
+def _count_bad_shard(url: str, why: str, stats: Counter, shard_stats: Counter | None) -> None:
+    stats["bad_shard"] += 1
+    if shard_stats is not None:
+        shard_stats[url] += 1
+    if url not in _warned_shards:
+        _warned_shards.add(url)
+        log.warning("shard %s: %s; its readable samples are used, the shard is counted as bad_shard", url, why)
+
+
+def shard_damage(url: str) -> str | None:
+    """Why a local .tar is incomplete, told without reading it ("empty (0 bytes)", "truncated ..."); else None.
+
+    A tar without its end-of-archive marker is cut: tarfile reads such a file quietly up to the cut when it falls
+    between members. Remote shards and other formats are not checked (None).
+    """
+    if not (url.endswith(".tar") and os.path.isfile(url)) or has_end_marker(Path(url)):
+        return None
+    return "empty (0 bytes)" if os.path.getsize(url) == 0 else "truncated (no end-of-archive marker)"
+
+
+class ShardWatch:
+    """Stops a shard reader that finds no sample at all, which would otherwise spin forever on an endless stream.
+
+    Raises `DataError` at the opening of a shard when no sample came out of any earlier opening and either every
+    shard was opened at least twice or `NO_SAMPLE_READS` shards were opened. Twice, because webdataset hands out a
+    shard's last sample only when the next file arrives if the shard ended in a read error.
+
+    Args:
+        urls: the shards the reader may open.
+        what: the stream's name in the message.
+    """
+
+    def __init__(self, urls: Sequence[str], what: str = "training stream"):
+        self.urls, self.what = set(urls), what
+        self.opens: Counter = Counter()
+        self.errors: dict[str, str] = {}  # url -> the last read error
+        self.found = False
+
+    def opening(self, url: str) -> None:
+        if self.found:
+            return
+        reads = sum(self.opens.values())
+        if reads >= NO_SAMPLE_READS or (self.urls and all(self.opens[u] >= 2 for u in self.urls)):
+            names = sorted(self.urls)
+            listed = ", ".join(f"{u} ({self.errors.get(u, 'no sample')})" for u in names[:3])
+            more = f" and {len(names) - 3} more" if len(names) > 3 else ""
+            raise DataError(
+                f"{self.what}: no sample in {reads} shard reads of {len(names)} shard(s): {listed}{more}; "
+                "each is empty, not a tar, or holds no file named <key>.<ext>"
+            )
+        self.opens[url] += 1
+
+
+def read_tar_samples(
+    urls: Iterator[str], stats: Counter, shard_stats: Counter | None = None, watch: ShardWatch | None = None
+) -> Iterator[dict]:
+    """Samples of the given tar files in order; a broken, missing or truncated tar is counted once per opening
+    (`bad_shard`, and by url in `shard_stats`), warned about once per process, and its readable samples are used.
 
     webdataset calls the handler for each failing read of a broken tar (the member, then the stream's end), so
-    errors are counted per shard opening, not per call.
+    errors are counted per shard opening, not per call. `watch` (endless streams): raises `DataError` when the
+    shards yield no sample at all.
     """
     current = {"url": "?", "counted": False}
 
     def handler(exn: Exception) -> bool:
+        detail = exn.strerror if isinstance(exn, OSError) and exn.strerror else (exn.args[0] if exn.args else exn)
+        why = f"{type(exn).__name__}: {detail}"  # webdataset appends the stream and url to the args
+        if watch is not None:
+            watch.errors[current["url"]] = why
         if not current["counted"]:
             current["counted"] = True
-            stats["bad_shard"] += 1
-            if shard_stats is not None:
-                shard_stats[current["url"]] += 1
+            _count_bad_shard(current["url"], f"unreadable ({why})", stats, shard_stats)
         return True  # keep going with the next shard
 
     def tracked(us: Iterator[str]) -> Iterator[dict]:
         for u in us:
+            if watch is not None:
+                watch.opening(u)
             current.update(url=u, counted=False)
+            damage = shard_damage(u)
+            if damage is not None:
+                current["counted"] = True
+                _count_bad_shard(u, damage, stats, shard_stats)
             yield {"url": u}
 
-    yield from wds.tarfile_to_samples(handler=handler)(tracked(urls))
+    for sample in wds.tarfile_to_samples(handler=handler)(tracked(urls)):
+        if watch is not None:
+            watch.found = True
+        yield sample
 
 
 def shuffle_buffer(samples: Iterator, size: int, rng: random.Random) -> Iterator:
@@ -367,7 +471,10 @@ class TrainStream(torch.utils.data.IterableDataset):
         self.epoch = torch.multiprocessing.Value("i", 0)
         if not resampled:
             self.urls = [u for s in self.sources for u in s.urls]
-            self.total = sum(read_sizes(self.urls))
+            try:
+                self.total = sum(read_sizes(self.urls))
+            except KeyError as e:  # epoch mode sizes its epochs from sizes.json
+                raise DataError(f"epoch mode (data.resampled false): {e.args[0]}") from None
 
     def batches_per_worker(self, num_workers: int) -> int:
         """Full batches each worker yields per epoch (epoch mode): total // (processes * workers * batch)."""
@@ -387,11 +494,12 @@ class TrainStream(torch.utils.data.IterableDataset):
 
     # -------------------------------------------------------------------------------------- sample streams
     def _resampled_samples(self, rng: random.Random, stats: Counter, shard_stats: Counter) -> Iterator[dict]:
-        def source_stream(src: Source, srng: random.Random) -> Iterator[dict]:
+        def source_stream(i: int, src: Source, srng: random.Random) -> Iterator[dict]:
             urls = (srng.choice(src.urls) for _ in iter(int, 1))  # shards drawn with replacement, forever
-            return shuffle_buffer(read_tar_samples(urls, stats, shard_stats), self.shuffle_size, srng)
+            watch = ShardWatch(src.urls, f"data source {i}")
+            return shuffle_buffer(read_tar_samples(urls, stats, shard_stats, watch), self.shuffle_size, srng)
 
-        streams = [source_stream(s, random.Random(rng.getrandbits(63))) for s in self.sources]
+        streams = [source_stream(i, s, random.Random(rng.getrandbits(63))) for i, s in enumerate(self.sources)]
         weights = [s.weight for s in self.sources]
         while True:
             yield next(rng.choices(streams, weights)[0])
@@ -407,8 +515,10 @@ class TrainStream(torch.utils.data.IterableDataset):
                 f"{len(urls)} shards are too few for {self.world_size} processes x {workers} workers in epoch "
                 "mode: use resampled mode or more shards"
             )
+        watch = ShardWatch(mine, f"process {self.rank} worker {worker}")
         while True:  # wrap around: the caller stops after a fixed number of batches
-            yield from shuffle_buffer(read_tar_samples(iter(mine), stats, shard_stats), self.shuffle_size, rng)
+            reader = read_tar_samples(iter(mine), stats, shard_stats, watch)
+            yield from shuffle_buffer(reader, self.shuffle_size, rng)
 
     # -------------------------------------------------------------------------------------------- batches
     def __iter__(self) -> Iterator[dict]:
@@ -430,10 +540,16 @@ class TrainStream(torch.utils.data.IterableDataset):
         else:
             samples = self._epoch_samples(rng, epoch, worker, workers, stats, shard_stats)
             limit = self.batches_per_worker(workers)
-        produced = 0
+        produced, usable = 0, False
         images, captions, keys = [], [], []
         fast = self.fast_crop
         for sample in samples:
+            if not usable and sum(stats.values()) - stats["bad_shard"] >= NO_USABLE_SAMPLES:
+                raise DataError(
+                    f"no usable sample among the first {NO_USABLE_SAMPLES} read ({dict(stats)}); "
+                    f"shards: {', '.join(f'{u} ({n})' for u, n in shard_stats.most_common(3))}"
+                    f"{f' and {len(shard_stats) - 3} more' if len(shard_stats) > 3 else ''}"
+                )
             try:
                 if fast is not None:  # the crop is drawn from the header's size, then decoded (maybe at 1/k size)
                     tensor = fast(sample) if own_rng else _with_rng(transform_rng, fast, sample)
@@ -446,6 +562,7 @@ class TrainStream(torch.utils.data.IterableDataset):
                 stats[e.reason] += 1
                 shard_stats[sample.get("__url__", "?")] += 1
                 continue
+            usable = True
             images.append(tensor)
             captions.append(lines[0] if self.caption == "first" else rng.choice(lines))
             keys.append(sample["__key__"])

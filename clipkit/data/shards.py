@@ -168,6 +168,8 @@ def _expand_pattern(pattern: str) -> list[str]:
     found: set[str] = set()
     missing: list[str] = []
     for item in braceexpand(os.path.expanduser(pattern)):
+        if os.path.isdir(item):  # a folder stands for its shards
+            item = os.path.join(item, "*.tar")
         if _GLOB_CHARS.intersection(item):
             found.update(glob(item))
         elif os.path.exists(item):
@@ -186,8 +188,8 @@ def expand_shards(spec: str) -> list[str]:
     """Expands a shard spec into a list of shard paths.
 
     A spec is one or more patterns separated by ``::``; each pattern may use braces
-    (``train-{000000..000005}.tar``) and globs (``*``, ``?``, ``[...]``). Remote patterns (``pipe:``, URLs) are only
-    brace-expanded.
+    (``train-{000000..000005}.tar``) and globs (``*``, ``?``, ``[...]``); a folder stands for its ``*.tar`` files.
+    Remote patterns (``pipe:``, URLs) are only brace-expanded.
 
     Args:
         spec: The shard spec.
@@ -223,9 +225,12 @@ def _sample_problems(key: str, exts: dict[str, int]) -> list[str]:
     return problems
 
 
-def _has_end_marker(path: Path) -> bool:
-    # A complete tar ends with two zero blocks (then zero padding); tarfile ends its iteration quietly at a cut
-    # header, so this is how a tar cut between members is told from a complete one.
+def has_end_marker(path: Path) -> bool:
+    """Whether a tar file ends with its end-of-archive marker (one stat and a 1 KiB read).
+
+    A complete tar ends with two zero blocks (then zero padding); tarfile ends its iteration quietly at a cut
+    header, so this is how a tar cut between members is told from a complete one.
+    """
     size = path.stat().st_size
     if size < 1024 or size % 512:
         return False
@@ -254,7 +259,7 @@ def _read_members(path: Path) -> tuple[dict[str, dict[str, int]], list[str], str
                     samples.setdefault(key, {})[ext] = len(data)
     except (tarfile.TarError, EOFError, OSError) as exc:
         return samples, bad, f"{type(exc).__name__}: {exc}"
-    if path.suffix == ".tar" and not _has_end_marker(path):
+    if path.suffix == ".tar" and not has_end_marker(path):
         return samples, bad, "no end-of-archive marker: the tar is truncated"
     return samples, bad, None
 

@@ -45,7 +45,8 @@ class Embeddings:
         text: [M, D] float32, L2-normalized, one row per caption (M >= N when images have several captions).
         text_to_image: [M] int64, the image row of each caption.
         meta: one dict per image row: {"key", "captions", **the sample's json}.
-        skipped: bad samples by reason.
+        skipped: bad samples (and `bad_shard`: unreadable or truncated shards) by reason.
+        shards: per shard url read: {"rows": usable samples, "skipped": {reason: count}} (empty for other sources).
     """
 
     image: np.ndarray
@@ -53,6 +54,7 @@ class Embeddings:
     text_to_image: np.ndarray
     meta: list[dict]
     skipped: dict = field(default_factory=dict)
+    shards: dict = field(default_factory=dict)
 
 
 def _batched(items: Iterable, size: int) -> Iterable[list]:
@@ -148,6 +150,7 @@ def embed_samples(
         Others: as in `embed_shards`; `bar` is a progress bar to advance by samples.
     """
     stats: Counter = Counter()
+    shards = {url: {"rows": 0, "skipped": Counter()} for url in (urls if samples is None else ())}
     done = []  # (order, [B, D] image embeddings, rows) per batch, in arrival order
     if samples is not None:
         workers = 0
@@ -161,6 +164,10 @@ def embed_samples(
     with threads_beside_workers(device, workers):
         for batch in batches:
             stats.update(batch["skipped"])
+            if shards:
+                shard = shards[urls[batch["order"][0]]]
+                shard["rows"] += len(batch["rows"])
+                shard["skipped"].update(batch["skipped"])
             if batch["rows"]:  # a batch without rows only carries skip counts
                 done.append((tuple(batch["order"]), encode_images(model, batch["pixels"].to(device)), batch["rows"]))
                 if bar is not None:
@@ -183,7 +190,8 @@ def embed_samples(
         image = np.concatenate([emb for _, emb, _ in done])
     else:
         image = np.zeros((0, embed_dim(model, tokenizer, device)), np.float32)
-    return Embeddings(image, text, np.asarray(owners, np.int64), meta, dict(stats))
+    shards = {url: {"rows": c["rows"], "skipped": dict(c["skipped"])} for url, c in shards.items()}
+    return Embeddings(image, text, np.asarray(owners, np.int64), meta, dict(stats), shards)
 
 
 def _transform_batch(chunk: list[dict], transform: Callable, skipped: dict | None = None) -> dict:
