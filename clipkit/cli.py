@@ -35,11 +35,11 @@ def _load(checkpoint: str, local_rank: int = 0):
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    from clipkit.evaluate import run as evals
-
     if args.task == "report":
         return _eval_report(args)
     out = _out_file(args.out)  # before any work: a wrong --out is refused at once
+    from clipkit.evaluate import run as evals  # torch, open_clip: seconds
+
     task = args.task.replace("-", "_")
     source = args.train if task == "linear_probe" else args.data
     names, templates = getattr(args, "classnames", None), getattr(args, "templates", None)

@@ -77,16 +77,17 @@ class QueryEncoder:
 def _open_image(image: Any) -> Any:
     from clipkit.data.pipeline import SkipSample, decode_image
 
+    name = "query image"
     if isinstance(image, (str, Path)):
         path = Path(image)
         if not path.is_file():
             raise FileNotFoundError(f"image {path}: not found")
-        image = path.read_bytes()
+        image, name = path.read_bytes(), str(path)
     if isinstance(image, bytes):
         try:
-            return decode_image({"__key__": "query", "png": image})  # decode_image sniffs the real format
+            return decode_image({"__key__": name, "png": image})  # decode_image sniffs the real format
         except SkipSample as e:
-            raise ValueError(f"query image: cannot decode it ({e})") from None
+            raise ValueError(f"cannot decode the image: {e.detail}") from None
     return image.convert("RGB")
 
 

@@ -67,7 +67,7 @@ class SkipSample(Exception):
 
     def __init__(self, reason: str, detail: str = ""):
         super().__init__(f"{reason}: {detail}")
-        self.reason = reason
+        self.reason, self.detail = reason, detail
 
 
 @dataclass(frozen=True)
@@ -109,7 +109,7 @@ def open_image(sample: dict) -> Image.Image:
     try:
         img = Image.open(_NamedBytes(data, sample_name(sample)))
     except Exception as e:  # PIL raises many kinds (OSError, SyntaxError, DecompressionBombError, ...)
-        raise SkipSample("bad_image", f"{sample_name(sample)}: {type(e).__name__}: {e}") from None
+        raise SkipSample("bad_image", _image_error(sample_name(sample), e)) from None
     if img.width * img.height > MAX_IMAGE_PIXELS:
         raise SkipSample("image_too_large", f"{sample_name(sample)}: {img.width}x{img.height}")
     return img
@@ -121,7 +121,7 @@ def load_rgb(img: Image.Image) -> Image.Image:
         img.load()
     except Exception as e:
         name = getattr(getattr(img, "fp", None), "sample", None) or getattr(img, "filename", "") or "image"
-        raise SkipSample("bad_image", f"{name}: {type(e).__name__}: {e}") from None
+        raise SkipSample("bad_image", _image_error(name, e)) from None
     if img.mode in ("RGBA", "LA", "P") and ("transparency" in img.info or img.mode != "P"):
         rgba = img.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
@@ -143,7 +143,13 @@ def decode_jpeg_tensor(data: bytes, name: str = "JPEG") -> torch.Tensor:
     try:
         return decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
     except RuntimeError as e:  # truncated or corrupt data
-        raise SkipSample("bad_image", f"{name}: {type(e).__name__}: {e}") from None
+        raise SkipSample("bad_image", _image_error(name, e)) from None
+
+
+def _image_error(name: str, e: Exception) -> str:
+    """A decoding error as "<sample>: what went wrong" (PIL's own message sometimes names the sample already)."""
+    text = str(e) or type(e).__name__
+    return text if name in text else f"{name}: {text}"
 
 
 PIL_FILTERS = {
