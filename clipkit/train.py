@@ -250,6 +250,7 @@ def data_stream(recipe: Recipe, shards: dict, bundle: ModelBundle, accelerator: 
         caption=recipe.data.caption,
         fast=recipe.data.fast_images,
         normalize_on_device=device.type != "cpu",
+        positives=t.positives,
     )
     loader = train_loader(stream, recipe.data.workers, recipe.data.prefetch_factor, pin_memory=device.type == "cuda")
     if recipe.data.resampled:  # segments end at checkpoints, so a resume replays at most one segment
@@ -259,8 +260,11 @@ def data_stream(recipe: Recipe, shards: dict, bundle: ModelBundle, accelerator: 
     return stream, positioned_batches(stream, loader, epoch_len, progress.epoch, progress.consumed)
 
 
-def next_micro_batches(run: Run) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """The step's train.accum_freq (images [n, 3, H, W], tokens [n, L]) pairs on the device; counts the data."""
+def next_micro_batches(run: Run) -> list[tuple[torch.Tensor, ...]]:
+    """The step's train.accum_freq (images [n, 3, H, W], tokens [n, L][, group ids [n]]) on the device.
+
+    Also advances the data position and counts the data.
+    """
     device, micro = run.accelerator.device, []
     for _ in range(run.recipe.train.accum_freq):
         batch, (run.progress.epoch, run.progress.consumed) = next(run.batches)
@@ -268,7 +272,8 @@ def next_micro_batches(run: Run) -> list[tuple[torch.Tensor, torch.Tensor]]:
         images = run.stream.finish_images(batch["image"].to(device, non_blocking=True))  # uint8 on GPUs
         if run.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
-        micro.append((images, batch["text"].to(device, non_blocking=True)))
+        texts = batch["text"].to(device, non_blocking=True)
+        micro.append((images, texts, batch["group"].to(device)) if "group" in batch else (images, texts))
     return micro
 
 
