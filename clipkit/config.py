@@ -132,6 +132,11 @@ class TrainCfg:
             loss itself stays in the features' dtype).
         accum_freq: micro-batches per optimizer step with cached features (GradCache), giving the gradient
             of one accum_freq-times larger batch.
+        positives: multiple positives: pairs of a global batch that share this are positives of each other, not
+            negatives: a key of the samples' json (e.g. "label": every prompt of a class) or "caption" (the same
+            caption text). None (default): only a pair itself. With the CLIP loss, identical captions already
+            act as one shared target (their text features are equal), so "caption" changes only SigLIP, where the
+            plain loss labels the same logit both +1 and -1; a json key changes both.
         fsdp: shard parameters, gradients and optimizer state with FSDP2 through Accelerate's plugin (GPUs only:
             on CPU Accelerate ignores the plugin and runs DDP, so clipkit refuses it there).
         log_every: steps between metric log lines.
@@ -166,6 +171,7 @@ class TrainCfg:
     gather_with_grad: bool = True
     gather_dtype: Literal["fp32", "bf16"] = "fp32"
     accum_freq: int = 1
+    positives: str | None = None
     fsdp: bool = False
     log_every: int = 10
     checkpoint_every: int = 0

@@ -20,7 +20,7 @@ from typing import Any
 import open_clip
 import torch
 from open_clip.model import CLIPTextCfg, CLIPVisionCfg
-from open_clip.transform import PreprocessCfg, merge_preprocess_dict
+from open_clip.transform import PreprocessCfg, image_transform_v2, merge_preprocess_dict
 
 from clipkit.config import ModelCfg, RecipeError
 from clipkit.models.freeze import apply_locks, cache_locked_text, trainable_summary
@@ -155,12 +155,9 @@ def build_tokenizer(model_cfg: dict) -> Callable[[list[str]], torch.Tensor]:
 
 
 def build_transforms(preprocess_cfg: dict[str, Any]) -> tuple[Callable, Callable]:
-    """open_clip's (train, eval) image transforms for a preprocess config."""
+    """open_clip's (train, eval) image transforms for a preprocess config (`image_transform_v2`)."""
     p = PreprocessCfg(**preprocess_cfg) if not isinstance(preprocess_cfg, PreprocessCfg) else preprocess_cfg
-    kwargs = dict(mean=p.mean, std=p.std, interpolation=p.interpolation, resize_mode=p.resize_mode)
-    train = open_clip.image_transform(p.size, is_train=True, **kwargs)
-    val = open_clip.image_transform(p.size, is_train=False, fill_color=p.fill_color, **kwargs)
-    return train, val
+    return image_transform_v2(p, is_train=True), image_transform_v2(p, is_train=False)
 
 
 def bundle_from_config(config: dict, load_tower_weights: bool = True) -> ModelBundle:
