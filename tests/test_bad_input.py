@@ -170,15 +170,14 @@ def test_a_stream_without_usable_samples_raises_naming_the_shards(tmp_path, digi
 def test_the_error_reaches_the_main_process_from_loader_workers(tmp_path, digits_dir):
     from clipkit.data.pipeline import train_loader
 
-    for kind in ("zero-byte tar", "tar without images"):
-        urls = planted_sources(tmp_path / kind.replace(" ", "_"), digits_dir)[kind]
-        stream = TrainStream([Source(tuple(urls))], 2, to_tensor, lengths, shuffle_size=5)
-        batches = iter(train_loader(stream, workers=2))
-        with pytest.raises(DataError, match=Path(urls[0]).name):
-            next(batches)
-        del batches  # the loader shuts its workers down when it is collected, as when `clipkit train` exits
-        gc.collect()
-        assert no_children_left(), kind
+    urls = planted_sources(tmp_path, digits_dir)["tar without images"]
+    stream = TrainStream([Source(tuple(urls))], 2, to_tensor, lengths, shuffle_size=5)
+    batches = iter(train_loader(stream, workers=2))
+    with pytest.raises(DataError, match=Path(urls[0]).name):
+        next(batches)
+    del batches  # the loader shuts its workers down when it is collected, as when `clipkit train` exits
+    gc.collect()
+    assert no_children_left()
 
 
 def test_a_mix_with_one_empty_source_raises_instead_of_spinning(tmp_path, digits_dir, two_shards):
