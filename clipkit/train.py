@@ -12,6 +12,7 @@ and the end of the run.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import math
 import os
@@ -36,7 +37,7 @@ from clipkit.evaluate import run as evals
 from clipkit.files import write_json_atomic
 from clipkit.loss import ContrastiveLoss
 from clipkit.models import ModelBundle, create_model
-from clipkit.models.factory import resolve_config
+from clipkit.models.factory import build_transforms, resolve_config
 from clipkit.models.weights import refuse_pickled_code
 from clipkit.optim import NonFiniteGuard, make_optimizer, make_scheduler
 from clipkit.plots import plot_metrics
@@ -423,12 +424,16 @@ def make_accelerator(recipe: Recipe, out_dir: Path) -> Accelerator:
 
 
 def build_bundle(recipe: Recipe) -> ModelBundle:
-    """The recipe's model; SigLIP needs the learnable bias and its own initial scale (unless the config sets them)."""
-    if recipe.train.loss != "siglip":
-        return create_model(recipe.model)
-    resolved = resolve_config(recipe.model)
-    config = {**SIGLIP_INIT, **resolved["model_cfg"], "preprocess_cfg": resolved["preprocess_cfg"]}
-    return create_model(replace(recipe.model, name=None, config=config))
+    """The recipe's model and its training transform with data.augment; SigLIP needs the learnable bias and its
+    own initial scale (unless the config sets them)."""
+    model_cfg = recipe.model
+    if recipe.train.loss == "siglip":
+        resolved = resolve_config(recipe.model)
+        config = {**SIGLIP_INIT, **resolved["model_cfg"], "preprocess_cfg": resolved["preprocess_cfg"]}
+        model_cfg = replace(recipe.model, name=None, config=config)
+    bundle = create_model(model_cfg)
+    augmented, _ = build_transforms(bundle.config["preprocess_cfg"], dataclasses.asdict(recipe.data.augment))
+    return replace(bundle, train_transform=augmented)
 
 
 def positioned_batches(stream: TrainStream, loader, epoch_len: int, epoch: int = 0, consumed: int = 0):

@@ -12,6 +12,7 @@ import copy
 import dataclasses
 import importlib.util
 import logging
+import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -154,10 +155,19 @@ def build_tokenizer(model_cfg: dict) -> Callable[[list[str]], torch.Tensor]:
     return open_clip.SimpleTokenizer(context_length=ctx, **kwargs)
 
 
-def build_transforms(preprocess_cfg: dict[str, Any]) -> tuple[Callable, Callable]:
-    """open_clip's (train, eval) image transforms for a preprocess config (`image_transform_v2`)."""
+def build_transforms(preprocess_cfg: dict[str, Any], augment: dict | None = None) -> tuple[Callable, Callable]:
+    """open_clip's (train, eval) image transforms for a preprocess config (`image_transform_v2`).
+
+    Args:
+        preprocess_cfg: open_clip's preprocess config (size, mean, std, interpolation, resize mode).
+        augment: open_clip's `aug_cfg` for the training transform (None: its defaults).
+    """
     p = PreprocessCfg(**preprocess_cfg) if not isinstance(preprocess_cfg, PreprocessCfg) else preprocess_cfg
-    return image_transform_v2(p, is_train=True), image_transform_v2(p, is_train=False)
+    with warnings.catch_warnings():
+        # open_clip applies color jitter and gray scale, then warns that they were unused (it never pops them).
+        warnings.filterwarnings("ignore", message="Unused augmentation cfg items")
+        train = image_transform_v2(p, is_train=True, aug_cfg=augment)
+    return train, image_transform_v2(p, is_train=False)
 
 
 def bundle_from_config(config: dict, load_tower_weights: bool = True) -> ModelBundle:
