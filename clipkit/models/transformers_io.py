@@ -1,0 +1,397 @@
+"""open_clip CLIP <-> Hugging Face transformers `CLIPModel`: config translation, weight mapping, tokenizer and
+image-processor files.
+
+The two hold the same network under other names (transformers' `convert_clip_original_pytorch_to_hf.py` does the
+OpenAI-checkpoint half of this). The traps, each handled below:
+
+- Attention: open_clip's `nn.MultiheadAttention` keeps q, k, v in one `in_proj_weight` [3w, w] (rows q, then k,
+  then v); transformers has `q_proj`, `k_proj`, `v_proj` [w, w] each. Split on export, concatenated on import
+  (bit-exact both ways).
+- Projections: open_clip's `visual.proj` and `text_projection` are matrices used as `x @ P` ([width, embed_dim]);
+  transformers' `visual_projection` / `text_projection` are bias-free `nn.Linear` (weight [embed_dim, width]):
+  transposed.
+- Activation: open_clip's model-level `quick_gelu` flag -> `hidden_act: quick_gelu`, else `gelu` (exact erf GELU,
+  what `nn.GELU()` computes). LayerNorm eps: open_clip's 1e-5 unless `norm_kwargs` says otherwise.
+- Text pooling: open_clip takes the hidden state at `argmax(token ids)` (the end-of-text id 49407 is the largest
+  CLIP BPE id); transformers' CLIP text model takes the first `eos_token_id` (49407) position. The same token, as
+  long as the text tower is causal (open_clip's `attn_mask`: transformers' CLIP text model is always causal), so
+  padding after it never matters: open_clip pads with id 0, transformers with `<|endoftext|>` and a mask.
+- Vision: class token + learned positions ([1 + grid^2, w] -> an `nn.Embedding`), the pre-norm `ln_pre`
+  (transformers' `pre_layrnorm`), the class token's output through `ln_post` (`post_layernorm`) then `proj`.
+- `logit_scale`: the same log-scale scalar (open_clip may hold it as shape [1]).
+
+Anything open_clip can build that this does not cover (timm or HF towers, ResNets, CoCa, attentional pooling,
+layer scale, QK-norm and the other custom-block options, a logit bias, non-causal or non-argmax text pooling) is
+listed by `clip_mapping_problems`, so an export can refuse before writing a byte.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from pathlib import Path
+
+import torch
+
+# open_clip's defaults (CLIPVisionCfg / CLIPTextCfg) that transformers' CLIP layers hard-wire.
+VISION_FIXED = {
+    "ls_init_value": None,
+    "attentional_pool": False,
+    "no_ln_pre": False,
+    "pos_embed_type": "learnable",
+    "final_ln_after_pool": False,
+    "pool_type": "tok",
+    "act_kwargs": None,
+    "block_type": None,
+    "qk_norm": False,
+    "scaled_cosine_attn": False,
+    "scale_heads": False,
+    "scale_attn_inner": False,
+    "scale_attn": False,
+    "scale_fc": False,
+}
+TEXT_FIXED = {
+    "ls_init_value": None,
+    "embed_cls": False,
+    "no_causal_mask": False,
+    "final_ln_after_pool": False,
+    "pool_type": "argmax",
+    "proj_bias": False,
+    "proj_type": "linear",
+    "act_kwargs": None,
+    "block_type": None,
+    "qk_norm": False,
+    "scaled_cosine_attn": False,
+    "scale_heads": False,
+    "scale_attn_inner": False,
+    "scale_attn": False,
+    "scale_fc": False,
+    "hf_tokenizer_name": None,
+    "tokenizer_mode": None,
+    "tokenizer_kwargs": None,
+}
+CLIP_BPE_VOCAB = 49408  # open_clip's SimpleTokenizer: 49406 <start_of_text>, 49407 <end_of_text>
+BOS_ID, EOS_ID = 49406, 49407
+OPEN_CLIP_EPS = 1e-5
+HF_SPECIAL = {"<start_of_text>": "<|startoftext|>", "<end_of_text>": "<|endoftext|>"}
+INTERPOLATION = {"bicubic": 3, "bilinear": 2, "nearest": 0}  # PIL resample codes, as transformers stores them
+
+
+class NotMappableError(ValueError):
+    """A model transformers cannot represent; the message names each part that does not map."""
+
+
+# ------------------------------------------------------------------------------------------------ config
+
+
+def _eps(cfg: dict, where: str, problems: list[str]) -> float:
+    kwargs = cfg.get("norm_kwargs") or {}
+    extra = sorted(set(kwargs) - {"eps"})
+    if extra:
+        problems.append(f"{where}.norm_kwargs {extra} (transformers' LayerNorm takes only eps)")
+    return float(kwargs.get("eps", OPEN_CLIP_EPS))
+
+
+def clip_mapping_problems(model_cfg: dict) -> list[str]:
+    """What in an open_clip model config has no place in a transformers `CLIPModel`; empty when it maps.
+
+    Each entry names the config key (as in open_clip_config.json) and why.
+    """
+    problems = []
+    if "multimodal_cfg" in model_cfg:
+        problems.append("multimodal_cfg (a CoCa captioner)")
+    if model_cfg.get("init_logit_bias") is not None:
+        problems.append("init_logit_bias (a SigLIP-style logit bias: CLIPModel has none)")
+    vision, text = model_cfg.get("vision_cfg", {}), model_cfg.get("text_cfg", {})
+    if vision.get("timm_model_name"):
+        problems.append(f"vision_cfg.timm_model_name={vision['timm_model_name']!r} (a timm image tower)")
+    elif isinstance(vision.get("layers", 12), (list, tuple)):
+        problems.append("vision_cfg.layers is a list (open_clip's ModifiedResNet image tower)")
+    else:
+        for key, value in VISION_FIXED.items():
+            if vision.get(key, value) != value:
+                problems.append(f"vision_cfg.{key}={vision[key]!r} (transformers' CLIP vision tower: {value!r})")
+        size = vision.get("image_size", 224)
+        if isinstance(size, (list, tuple)) and len(set(size)) > 1:
+            problems.append(f"vision_cfg.image_size={list(size)} (transformers' CLIP takes square images)")
+        _eps(vision, "vision_cfg", problems)
+    if text.get("hf_model_name"):
+        problems.append(f"text_cfg.hf_model_name={text['hf_model_name']!r} (a Hugging Face text tower)")
+    else:
+        for key, value in TEXT_FIXED.items():
+            if text.get(key, value) != value:
+                problems.append(f"text_cfg.{key}={text[key]!r} (transformers' CLIP text tower: {value!r})")
+        if text.get("vocab_size", CLIP_BPE_VOCAB) < CLIP_BPE_VOCAB:
+            problems.append(f"text_cfg.vocab_size={text['vocab_size']} (the CLIP BPE needs {CLIP_BPE_VOCAB})")
+        _eps(text, "text_cfg", problems)
+    return problems
+
+
+def clip_config(model_cfg: dict, logit_scale: float) -> dict:
+    """transformers `CLIPConfig` keyword arguments for an open_clip CLIP config (one that maps).
+
+    Args:
+        model_cfg: {"embed_dim", "quick_gelu", "vision_cfg", "text_cfg"} as in open_clip_config.json.
+        logit_scale: the trained log-scale, kept as the config's init value too.
+    """
+    vision, text = model_cfg["vision_cfg"], model_cfg["text_cfg"]
+    act = "quick_gelu" if model_cfg.get("quick_gelu", False) else "gelu"
+    v_width, t_width = vision.get("width", 768), text.get("width", 512)
+    size = vision.get("image_size", 224)
+    text_config = {
+        "vocab_size": text.get("vocab_size", CLIP_BPE_VOCAB),
+        "hidden_size": t_width,
+        "intermediate_size": int(t_width * text.get("mlp_ratio", 4.0)),  # open_clip: mlp_width = int(w * ratio)
+        "projection_dim": model_cfg["embed_dim"],
+        "num_hidden_layers": text.get("layers", 12),
+        "num_attention_heads": text.get("heads", 8),
+        "max_position_embeddings": text.get("context_length", 77),
+        "hidden_act": act,
+        "layer_norm_eps": _eps(text, "text_cfg", []),
+        "bos_token_id": BOS_ID,
+        "eos_token_id": EOS_ID,  # not 2: 2 selects transformers' legacy argmax pooling, which is the same here
+        "pad_token_id": EOS_ID,
+    }
+    vision_config = {
+        "hidden_size": v_width,
+        "intermediate_size": int(v_width * vision.get("mlp_ratio", 4.0)),
+        "projection_dim": model_cfg["embed_dim"],
+        "num_hidden_layers": vision.get("layers", 12),
+        "num_attention_heads": v_width // vision.get("head_width", 64),
+        "image_size": size if isinstance(size, int) else size[0],
+        "patch_size": vision.get("patch_size", 16),
+        "hidden_act": act,
+        "layer_norm_eps": _eps(vision, "vision_cfg", []),
+    }
+    return {
+        "text_config": text_config,
+        "vision_config": vision_config,
+        "projection_dim": model_cfg["embed_dim"],
+        "logit_scale_init_value": float(logit_scale),
+    }
+
+
+def open_clip_config(hf_config: dict, preprocessor: dict | None = None) -> dict:
+    """The open_clip_config.json dict ({"model_cfg", "preprocess_cfg"}) of a transformers CLIP `config.json`.
+
+    Args:
+        hf_config: the parsed config.json of a `CLIPModel` folder.
+        preprocessor: the parsed preprocessor_config.json, if any (size, mean, std, resample).
+
+    Raises:
+        NotMappableError: not a CLIP model, or one open_clip's CLIP cannot build (two activations, ...).
+    """
+    if hf_config.get("model_type") != "clip":
+        raise NotMappableError(f"model_type {hf_config.get('model_type')!r}: only transformers CLIP models map")
+    vision, text = hf_config.get("vision_config", {}), hf_config.get("text_config", {})
+    acts = {vision.get("hidden_act", "quick_gelu"), text.get("hidden_act", "quick_gelu")}
+    if len(acts) > 1 or not acts <= {"gelu", "quick_gelu"}:
+        raise NotMappableError(f"hidden_act {sorted(acts)}: open_clip uses one of gelu / quick_gelu for both towers")
+    embed_dim = hf_config.get("projection_dim", 512)
+    v_width, t_width = vision.get("hidden_size", 768), text.get("hidden_size", 512)
+    vision_cfg = {
+        "image_size": vision.get("image_size", 224),
+        "patch_size": vision.get("patch_size", 32),
+        "width": v_width,
+        "layers": vision.get("num_hidden_layers", 12),
+        "head_width": v_width // vision.get("num_attention_heads", 12),
+        "mlp_ratio": vision.get("intermediate_size", 3072) / v_width,
+    }
+    text_cfg = {
+        "context_length": text.get("max_position_embeddings", 77),
+        "vocab_size": text.get("vocab_size", CLIP_BPE_VOCAB),
+        "width": t_width,
+        "heads": text.get("num_attention_heads", 8),
+        "layers": text.get("num_hidden_layers", 12),
+        "mlp_ratio": text.get("intermediate_size", 2048) / t_width,
+    }
+    for cfg, src in ((vision_cfg, vision), (text_cfg, text)):
+        eps = src.get("layer_norm_eps", OPEN_CLIP_EPS)
+        if not math.isclose(eps, OPEN_CLIP_EPS):
+            cfg["norm_kwargs"] = {"eps": eps}
+    model_cfg = {"embed_dim": embed_dim, "vision_cfg": vision_cfg, "text_cfg": text_cfg}
+    if acts == {"quick_gelu"}:
+        model_cfg["quick_gelu"] = True
+    preprocess_cfg = {"size": vision_cfg["image_size"]}
+    if preprocessor:
+        inverse = {v: k for k, v in INTERPOLATION.items()}
+        preprocess_cfg.update(
+            mean=tuple(preprocessor.get("image_mean", ())) or None,
+            std=tuple(preprocessor.get("image_std", ())) or None,
+            interpolation=inverse.get(preprocessor.get("resample"), "bicubic"),
+        )
+        preprocess_cfg = {k: v for k, v in preprocess_cfg.items() if v is not None}
+    return {"model_cfg": model_cfg, "preprocess_cfg": preprocess_cfg}
+
+
+# ----------------------------------------------------------------------------------------------- weights
+
+# open_clip (suffix after the tower prefix) -> transformers, per transformer block; qkv handled separately.
+_BLOCK = {"ln_1": "layer_norm1", "ln_2": "layer_norm2", "mlp.c_fc": "mlp.fc1", "mlp.c_proj": "mlp.fc2"}
+_BLOCK["attn.out_proj"] = "self_attn.out_proj"
+_VISION = {
+    "visual.class_embedding": "vision_model.embeddings.class_embedding",
+    "visual.positional_embedding": "vision_model.embeddings.position_embedding.weight",
+    "visual.conv1.weight": "vision_model.embeddings.patch_embedding.weight",
+    "visual.ln_pre.weight": "vision_model.pre_layrnorm.weight",
+    "visual.ln_pre.bias": "vision_model.pre_layrnorm.bias",
+    "visual.ln_post.weight": "vision_model.post_layernorm.weight",
+    "visual.ln_post.bias": "vision_model.post_layernorm.bias",
+}
+_TEXT = {  # after the text prefix ("" in open_clip's CLIP, "text." in CustomTextCLIP)
+    "token_embedding.weight": "text_model.embeddings.token_embedding.weight",
+    "positional_embedding": "text_model.embeddings.position_embedding.weight",
+    "ln_final.weight": "text_model.final_layer_norm.weight",
+    "ln_final.bias": "text_model.final_layer_norm.bias",
+}
+_TRANSPOSED = {"visual.proj": "visual_projection.weight", "text_projection": "text_projection.weight"}
+_RESBLOCK = re.compile(r"^(visual\.)?transformer\.resblocks\.(\d+)\.(.+)$")
+
+
+def _text_prefix(state: dict) -> str:
+    return "text." if any(k.startswith("text.") for k in state) else ""
+
+
+def to_transformers_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """An open_clip CLIP state dict -> a transformers `CLIPModel` state dict (new tensors, contiguous).
+
+    Raises:
+        NotMappableError: a key with no place in `CLIPModel`, naming it.
+    """
+    prefix = _text_prefix(state)
+    out: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        name = key[len(prefix) :] if prefix and key.startswith(prefix) else key
+        if key == "logit_scale":
+            out["logit_scale"] = value.reshape(())
+        elif key in _VISION:
+            out[_VISION[key]] = value
+        elif name in _TEXT and (key.startswith(prefix) or not prefix):
+            out[_TEXT[name]] = value
+        elif key in _TRANSPOSED or name == "text_projection":
+            out[_TRANSPOSED["visual.proj" if key == "visual.proj" else "text_projection"]] = value.t()
+        elif m := _RESBLOCK.match(name):
+            tower = "vision_model" if m.group(1) else "text_model"
+            base, rest = f"{tower}.encoder.layers.{m.group(2)}", m.group(3)
+            if rest in ("attn.in_proj_weight", "attn.in_proj_bias"):
+                kind = rest.rsplit("_", 1)[1]  # weight | bias
+                for part, chunk in zip("qkv", value.chunk(3, dim=0), strict=True):  # rows: q, then k, then v
+                    out[f"{base}.self_attn.{part}_proj.{kind}"] = chunk
+            else:
+                module, _, kind = rest.rpartition(".")
+                if module not in _BLOCK:
+                    raise NotMappableError(f"weight {key}: no place in transformers' CLIP layer")
+                out[f"{base}.{_BLOCK[module]}.{kind}"] = value
+        else:
+            raise NotMappableError(f"weight {key}: no place in transformers' CLIPModel")
+    return {k: v.detach().contiguous().clone() for k, v in out.items()}
+
+
+def from_transformers_state(hf: dict[str, torch.Tensor], text_prefix: str = "") -> dict[str, torch.Tensor]:
+    """The inverse of `to_transformers_state`: a `CLIPModel` state dict -> open_clip's keys (bit-exact).
+
+    Args:
+        hf: transformers CLIPModel weights (`model.safetensors`).
+        text_prefix: "" for open_clip's `CLIP`, "text." for `CustomTextCLIP`.
+
+    Raises:
+        NotMappableError: a transformers key with no open_clip counterpart, naming it.
+    """
+    inverse = {v: k for k, v in _VISION.items()}
+    inverse.update({v: text_prefix + k for k, v in _TEXT.items()})
+    layer = re.compile(r"^(vision_model|text_model)\.encoder\.layers\.(\d+)\.(.+)$")
+    block = {v: k for k, v in _BLOCK.items()}
+    out: dict[str, torch.Tensor] = {}
+    qkv: dict[str, dict[str, torch.Tensor]] = {}
+    for key, value in hf.items():
+        if key == "logit_scale":
+            out["logit_scale"] = value.reshape(())
+        elif key in inverse:
+            out[inverse[key]] = value
+        elif key == "visual_projection.weight":
+            out["visual.proj"] = value.t()
+        elif key == "text_projection.weight":
+            out[text_prefix + "text_projection"] = value.t()
+        elif key.endswith("position_ids"):
+            continue  # a buffer of arange(n) some transformers versions save
+        elif m := layer.match(key):
+            tower = "visual." if m.group(1) == "vision_model" else text_prefix
+            base, rest = f"{tower}transformer.resblocks.{m.group(2)}", m.group(3)
+            module, _, kind = rest.rpartition(".")
+            if qm := re.fullmatch(r"self_attn\.([qkv])_proj", module):
+                qkv.setdefault(f"{base}.attn.in_proj_{kind}", {})[qm.group(1)] = value
+            elif module in block:
+                out[f"{base}.{block[module]}.{kind}"] = value
+            else:
+                raise NotMappableError(f"weight {key}: no place in open_clip's CLIP")
+        else:
+            raise NotMappableError(f"weight {key}: no place in open_clip's CLIP")
+    for key, parts in qkv.items():
+        if set(parts) != set("qkv"):
+            raise NotMappableError(f"weights {key}: q, k and v projections incomplete ({sorted(parts)})")
+        out[key] = torch.cat([parts["q"], parts["k"], parts["v"]], dim=0)
+    return {k: v.detach().contiguous().clone() for k, v in out.items()}
+
+
+# ------------------------------------------------------------------------------------- tokenizer, images
+
+
+def clip_tokenizer(tokenizer, context_length: int):
+    """open_clip's CLIP BPE (`SimpleTokenizer`) as a transformers `CLIPTokenizer` (tokenizers-backed).
+
+    Same vocabulary and merge ranks; open_clip's special tokens <start_of_text> / <end_of_text> under the names
+    transformers' CLIP files use (<|startoftext|> / <|endoftext|>), same ids. Known difference: open_clip unescapes
+    HTML entities (`&amp;` -> `&`) and runs ftfy's mojibake repair before tokenizing; transformers does neither.
+    """
+    from transformers import CLIPTokenizer
+
+    vocab = {HF_SPECIAL.get(tok, tok): i for tok, i in tokenizer.encoder.items()}
+    merges = sorted(tokenizer.bpe_ranks, key=tokenizer.bpe_ranks.get)
+    return CLIPTokenizer(vocab=vocab, merges=[tuple(m) for m in merges], model_max_length=context_length)
+
+
+def image_processor_config(preprocess_cfg: dict) -> dict:
+    """`CLIPImageProcessor` settings (preprocessor_config.json) equal to open_clip's eval transform.
+
+    open_clip's eval transform for resize_mode "shortest" (its default): resize the shorter side to `size`,
+    center-crop `size` x `size`, to RGB, /255, normalize. "squash" resizes straight to size x size.
+
+    Raises:
+        NotMappableError: a resize mode CLIPImageProcessor has no equal for ("longest" pads).
+    """
+    size = preprocess_cfg.get("size", 224)
+    h, w = (size, size) if isinstance(size, int) else size
+    mode = preprocess_cfg.get("resize_mode", "shortest")
+    interpolation = preprocess_cfg.get("interpolation", "bicubic")
+    if mode not in ("shortest", "squash") or interpolation not in INTERPOLATION:
+        raise NotMappableError(
+            f"preprocess_cfg resize_mode={mode!r}, interpolation={interpolation!r}: CLIPImageProcessor resizes "
+            "shortest-side or squash, with bicubic / bilinear / nearest"
+        )
+    resize = {"shortest_edge": min(h, w)} if mode == "shortest" else {"height": h, "width": w}
+    return {
+        "image_processor_type": "CLIPImageProcessor",
+        "do_resize": True,
+        "size": resize,
+        "resample": INTERPOLATION[interpolation],
+        "do_center_crop": True,
+        "crop_size": {"height": h, "width": w},
+        "do_rescale": True,
+        "rescale_factor": 1 / 255,
+        "do_normalize": True,
+        "image_mean": list(preprocess_cfg.get("mean", (0.48145466, 0.4578275, 0.40821073))),
+        "image_std": list(preprocess_cfg.get("std", (0.26862954, 0.26130258, 0.27577711))),
+        "do_convert_rgb": True,
+    }
+
+
+def is_transformers_folder(path: str | Path) -> bool:
+    """A folder written by transformers' `save_pretrained` (config.json with a model_type + model.safetensors)."""
+    path = Path(path)
+    if not (path / "config.json").is_file() or not (path / "model.safetensors").is_file():
+        return False
+    try:
+        return "model_type" in json.loads((path / "config.json").read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return False
