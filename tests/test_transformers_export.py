@@ -45,7 +45,7 @@ def quickstart_model(tmp_path_factory, quickstart_data):
     cfg = copy.deepcopy(TINY_MODEL)
     cfg["vision_cfg"]["image_size"] = 32
     recipe = yaml.safe_load((Path(__file__).parents[1] / "recipes" / "quickstart.yaml").read_text())
-    recipe.update(data_root=str(quickstart_data), model={"config": cfg}, eval={"tasks": []}, index={"shards": None})
+    recipe.update(data_root=str(quickstart_data), model={"config": cfg}, eval={"tasks": []}, index={"shards": ""})
     recipe["data"].update(batch_size=32)
     recipe["train"].update(steps=20, warmup=4, log_every=10)
     path = tmp_path_factory.mktemp("recipe") / "quickstart-tiny.yaml"
@@ -113,11 +113,13 @@ def test_pipeline_classifies_fashion_mnist_as_clipkit_eval_zeroshot(tmp_path, qu
     labels = [label for _, label in samples]
     differ = [i for i, (a, b) in enumerate(zip(ours, theirs, strict=True)) if a != b]
     pipeline_acc = sum(t == y for t, y in zip(theirs, labels, strict=True)) / len(labels)
-    print(f"per-image argmax differs on {len(differ)} of {len(paths)}; acc clipkit {clipkit_acc} pipeline {pipeline_acc}")
+    print(
+        f"per-image argmax differs on {len(differ)} of {len(paths)}; acc clipkit {clipkit_acc} pipeline {pipeline_acc}"
+    )
     assert sum(o == y for o, y in zip(ours, labels, strict=True)) / len(labels) == pytest.approx(clipkit_acc)
     assert len(differ) <= len(paths) // 1000, differ
     assert pipeline_acc == pytest.approx(clipkit_acc)
-    assert clipkit_acc > 0.2  # trained: well above chance (0.1), so the comparison is not between two coin flips
+    assert clipkit_acc > 0.13  # trained: above chance (0.1 +- 0.007 on 2000 images), not two coin flips compared
 
 
 @pytest.mark.parametrize("quick_gelu", [False, True])
