@@ -246,3 +246,22 @@ def test_weights_get_the_same_mode_as_other_files(tmp_path, tiny_model_cfg):
         os.umask(umask)
     assert _mode(src / "open_clip_model.safetensors") == _mode(src / "open_clip_config.json") == 0o644
     assert _mode(tmp_path / "tf/model.safetensors") == _mode(tmp_path / "tf/config.json") == 0o644
+
+
+def test_verification_catches_a_wrong_activation(tmp_path, tiny_model_cfg):
+    """The 1e-5 tolerance is far above fp32 reordering (~1e-7) and far below a mapping error: the same weights read
+    with gelu where the model used quick_gelu fail the check."""
+    from clipkit.models.export import ExportVerificationError, verify_transformers
+
+    tiny_model_cfg["quick_gelu"] = True
+    src = _tiny_folder(tmp_path, tiny_model_cfg)
+    export(src, tmp_path / "tf", "transformers")
+    config = json.loads((tmp_path / "tf/config.json").read_text())
+    for tower in ("vision_config", "text_config"):
+        config[tower]["hidden_act"] = "gelu"
+    (tmp_path / "tf/config.json").write_text(json.dumps(config))
+    with pytest.raises(ExportVerificationError, match="does not reproduce") as e:
+        verify_transformers(load_model(src), tmp_path / "tf")
+    diffs = e.value.report["max_abs_diff"]
+    print("gelu for quick_gelu:", diffs)
+    assert min(diffs.values()) > 1e-3

@@ -53,7 +53,11 @@ PROBE_CAPTIONS = ("a photo of a cat", "a red apple on a table", "an emoji of a g
 
 
 class ExportVerificationError(ValueError):
-    """The exported folder, loaded back, does not reproduce clipkit's model."""
+    """The exported folder, loaded back, does not reproduce clipkit's model; `report` holds the measured checks."""
+
+    def __init__(self, message: str, report: dict | None = None):
+        super().__init__(message)
+        self.report = report or {}
 
 
 def model_folder(checkpoint: str | Path) -> Path:
@@ -314,7 +318,8 @@ def verify_transformers(bundle: ModelBundle, out: Path) -> dict:
     if max(report["max_abs_diff"].values()) > TOLERANCE or bad_ids or preprocess["pil"]["square"] > TOLERANCE:
         raise ExportVerificationError(
             f"{out}: transformers' model does not reproduce clipkit's (tolerance {TOLERANCE}): {report}"
-            + (f"; token ids differ for {bad_ids}" if bad_ids else "")
+            + (f"; token ids differ for {bad_ids}" if bad_ids else ""),
+            report,
         )
     return report
 
