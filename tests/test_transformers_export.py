@@ -265,3 +265,44 @@ def test_verification_catches_a_wrong_activation(tmp_path, tiny_model_cfg):
     diffs = e.value.report["max_abs_diff"]
     print("gelu for quick_gelu:", diffs)
     assert min(diffs.values()) > 1e-3
+
+
+@pytest.mark.slow
+def test_siglip_style_model_exports_to_siglip_model(tmp_path, quickstart_data):
+    """A SigLIP-style model (timm SigLIP ViT-B/32 image tower, open_clip non-causal text tower, logit bias) ->
+    SiglipModel; the pipeline from the folder ranks Fashion-MNIST classes as clipkit does (~1 min: a ViT-B)."""
+    from transformers import pipeline
+
+    cfg = {
+        "embed_dim": 768,
+        "init_logit_bias": -10,
+        "custom_text": True,
+        "vision_cfg": {"timm_model_name": "vit_base_patch32_siglip_256", "timm_pool": "map", "timm_proj": "none"},
+        "text_cfg": {"context_length": 64, "width": 32, "heads": 2, "layers": 2, "mlp_ratio": 2.0,
+                     "no_causal_mask": True, "proj_bias": True, "pool_type": "last", "norm_kwargs": {"eps": 1e-6}},
+    }  # fmt: skip
+    cfg["vision_cfg"]["image_size"] = 256
+    src = _tiny_folder(tmp_path, cfg)
+    report = export(src, tmp_path / "sig", "transformers")
+    assert max(report["max_abs_diff"].values()) < 1e-5 and report["tokenizer"]["identical"], report
+    assert json.loads((tmp_path / "sig/config.json").read_text())["architectures"] == ["SiglipModel"]
+    assert report["notes"] == []
+
+    bundle = load_model(src)
+    classnames = (quickstart_data / "fashion-mnist/classnames.txt").read_text().split("\n")[:10]
+    images = [im for im, _ in _fashion_test_images(quickstart_data / "fashion-mnist", 20)]
+    with torch.no_grad():
+        text = bundle.model.encode_text(bundle.tokenizer([TEMPLATE.replace("{c}", c) for c in classnames]), True)
+        pixels = torch.stack([bundle.eval_transform(im) for im in images])
+        ours = (bundle.model.encode_image(pixels, normalize=True) @ text.T).argmax(dim=1).tolist()
+    classify = pipeline("zero-shot-image-classification", model=str(tmp_path / "sig"), device="cpu")
+    answers = classify(images, candidate_labels=classnames, hypothesis_template=TEMPLATE.replace("{c}", "{}"))
+    assert [classnames.index(a[0]["label"]) for a in answers] == ours
+
+
+def test_siglip_style_model_with_a_clip_vit_is_refused(tmp_path, tiny_model_cfg):
+    tiny_model_cfg["init_logit_bias"] = -10.0
+    src = _tiny_folder(tmp_path, tiny_model_cfg)
+    with pytest.raises(NotMappableError, match=r"SiglipModel cannot.*timm SigLIP ViT.*text_cfg.no_causal_mask"):
+        export(src, tmp_path / "out", "transformers")
+    assert not (tmp_path / "out").exists()

@@ -38,6 +38,9 @@ from clipkit.models.transformers_io import (
     clip_mapping_problems,
     clip_tokenizer,
     image_processor_config,
+    siglip_config,
+    siglip_mapping_problems,
+    to_siglip_state,
     to_transformers_state,
 )
 
@@ -47,6 +50,7 @@ FORMATS = ("open_clip", "hf", "transformers")
 # measured <= 1e-6 on CPU; a mapping error (a projection not transposed, gelu for quick_gelu, a wrong eps of
 # 1e-6 for 1e-5 aside) moves embeddings by 1e-3 or more.
 TOLERANCE = 1e-5
+SIGLIP_PIPELINE_LENGTH = 64  # transformers 5.x's zero-shot pipeline: padding="max_length", max_length=64 for SigLIP
 LONG_CAPTION = " ".join(["a very long caption that runs past the context length"] * 12)  # truncation check
 HF_SPECIAL = {"<start_of_text>": "<|startoftext|>", "<end_of_text>": "<|endoftext|>"}
 PROBE_CAPTIONS = ("a photo of a cat", "a red apple on a table", "an emoji of a grinning face", "")
@@ -168,7 +172,7 @@ def model_card(config: dict, info: dict, params: int) -> str:
     return "\n".join(lines)
 
 
-def transformers_model_card(config: dict, info: dict, params: int) -> str:
+def transformers_model_card(config: dict, info: dict, params: int, kind: str = "CLIPModel") -> str:
     """README.md of a transformers export: what the model is, how it was trained and scored, how to load it."""
     mc = config["model_cfg"]
     lines = [
@@ -180,7 +184,7 @@ def transformers_model_card(config: dict, info: dict, params: int) -> str:
         f"# {info.get('recipe', 'clipkit model')}",
         "",
         f"A CLIP dual encoder trained with clipkit ({params / 1e6:.1f}M parameters, embedding size {mc['embed_dim']}),",
-        "converted to transformers' `CLIPModel`. Its image and text embeddings equal the open_clip model's (checked",
+        f"converted to transformers' `{kind}`. Its image and text embeddings equal the open_clip model's (checked",
         "when this folder was written).",
         "",
         f"- open_clip config: `{json.dumps(mc)}`",
@@ -193,9 +197,10 @@ def transformers_model_card(config: dict, info: dict, params: int) -> str:
         "## Use",
         "",
         "```python",
-        "from transformers import CLIPModel, CLIPProcessor, pipeline",
-        'model = CLIPModel.from_pretrained("PATH/TO/THIS/FOLDER")',
-        'processor = CLIPProcessor.from_pretrained("PATH/TO/THIS/FOLDER")',
+        "from transformers import AutoImageProcessor, AutoModel, AutoTokenizer, pipeline",
+        f'model = AutoModel.from_pretrained("PATH/TO/THIS/FOLDER")  # {kind}',
+        'tokenizer = AutoTokenizer.from_pretrained("PATH/TO/THIS/FOLDER")',
+        'image_processor = AutoImageProcessor.from_pretrained("PATH/TO/THIS/FOLDER")',
         'classify = pipeline("zero-shot-image-classification", model="PATH/TO/THIS/FOLDER")',
         'classify("image.png", candidate_labels=["cat", "dog"], hypothesis_template="a photo of a {}.")',
         "```",
@@ -205,34 +210,45 @@ def transformers_model_card(config: dict, info: dict, params: int) -> str:
 
 
 def write_transformers(bundle: ModelBundle, out: Path, info: dict) -> None:
-    """Writes `bundle` as a transformers `CLIPModel` folder (config, weights, tokenizer, image processor, card).
+    """Writes `bundle` as a transformers `CLIPModel` (or, SigLIP-style, `SiglipModel`) folder: config, weights,
+    tokenizer, image processor, model card.
 
     Raises:
         NotMappableError: the architecture or preprocessing has no transformers equal, naming each part.
     """
-    from transformers import CLIPConfig
+    from transformers import CLIPConfig, SiglipConfig
 
     config = bundle.config
-    problems = clip_mapping_problems(config["model_cfg"])
+    model_cfg = config["model_cfg"]
+    problems, siglip = clip_mapping_problems(model_cfg), False
+    if problems and model_cfg.get("init_logit_bias") is not None:  # SigLIP-style: SiglipModel, if the towers match
+        problems = siglip_mapping_problems(model_cfg, bundle.model)
+        siglip, kind = True, "SiglipModel"
+    else:
+        kind = "CLIPModel"
     preprocessor = None
     try:
         preprocessor = image_processor_config(config["preprocess_cfg"])
     except NotMappableError as e:
         problems.append(str(e))
     if problems:
-        raise NotMappableError("transformers CLIPModel cannot represent this model: " + "; ".join(problems))
-    state = to_transformers_state(bundle.model.state_dict())
-    hf_config = CLIPConfig(**clip_config(config["model_cfg"], bundle.model.logit_scale.item()))
-    hf_config.architectures = ["CLIPModel"]
+        raise NotMappableError(f"transformers {kind} cannot represent this model: " + "; ".join(problems))
+    if siglip:
+        state = to_siglip_state(bundle.model.state_dict())
+        hf_config = SiglipConfig(**siglip_config(model_cfg, bundle.model))
+    else:
+        state = to_transformers_state(bundle.model.state_dict())
+        hf_config = CLIPConfig(**clip_config(model_cfg, bundle.model.logit_scale.item()))
+    hf_config.architectures = [kind]
     out.mkdir(parents=True, exist_ok=True)
     write_text_atomic(out / "config.json", hf_config.to_json_string())
     with atomic_path(out / "model.safetensors") as tmp:
         save_file(state, str(tmp), metadata={"format": "pt"})
     write_json_atomic(out / "preprocessor_config.json", preprocessor, sort_keys=False)
     context_length = config["model_cfg"]["text_cfg"].get("context_length", 77)
-    clip_tokenizer(bundle.tokenizer, context_length).save_pretrained(str(out))  # tokenizer.json + its config
+    clip_tokenizer(bundle.tokenizer, context_length, siglip).save_pretrained(str(out))  # tokenizer.json + its config
     params = sum(p.numel() for p in bundle.model.parameters())
-    write_text_atomic(out / "README.md", transformers_model_card(config, info, params))
+    write_text_atomic(out / "README.md", transformers_model_card(config, info, params, kind))
 
 
 def real_images() -> list[Image.Image]:
@@ -247,13 +263,15 @@ def real_images() -> list[Image.Image]:
 def tokenizer_mismatches(ours, theirs, captions: list[str], context_length: int) -> list[str]:
     """Captions whose transformers token ids differ from open_clip's (truncated at the context length).
 
-    open_clip pads with id 0, transformers with <|endoftext|> and a mask: the ids compared are those before padding,
-    and open_clip's row must be all padding after them.
+    open_clip pads with id 0, transformers' CLIP with <|endoftext|> and a mask: the ids compared are those before
+    padding, and open_clip's row must be all padding after them. A SigLIP export pads with 0 and has no mask: whole
+    rows are compared.
     """
     rows = ours(captions)  # [N, context_length]
     enc = theirs(captions, padding="max_length", truncation=True, max_length=context_length)
+    masks = enc.get("attention_mask") or [[1] * context_length for _ in captions]
     bad = []
-    for caption, row, ids, mask in zip(captions, rows.tolist(), enc["input_ids"], enc["attention_mask"], strict=True):
+    for caption, row, ids, mask in zip(captions, rows.tolist(), enc["input_ids"], masks, strict=True):
         n = sum(mask)
         if ids[:n] != row[:n] or any(row[n:]):
             bad.append(caption)
@@ -275,9 +293,9 @@ def verify_transformers(bundle: ModelBundle, out: Path) -> dict:
         ExportVerificationError: an embedding differs by more than `TOLERANCE`, the token ids differ, the PIL
             image processor's pixels differ on square images (wrong size, mean or std), or weights did not load.
     """
-    from transformers import AutoImageProcessor, AutoTokenizer, CLIPModel
+    from transformers import AutoImageProcessor, AutoModel, AutoTokenizer
 
-    model, loading = CLIPModel.from_pretrained(str(out), output_loading_info=True)
+    model, loading = AutoModel.from_pretrained(str(out), output_loading_info=True)  # CLIPModel or SiglipModel
     if any(loading.get(k) for k in ("missing_keys", "unexpected_keys", "mismatched_keys")):
         raise ExportVerificationError(f"{out}: transformers loaded the weights with problems: {loading}")
     model.eval()
@@ -307,7 +325,14 @@ def verify_transformers(bundle: ModelBundle, out: Path) -> dict:
         if backend == "torchvision":  # the default backend, what `pipeline(...)` uses
             own = _normalized(model.get_image_features(pixel_values=theirs_pixels)) - ours_img
             preprocess["image_embedding_own_preprocessing"] = own.abs().max().item()
+    notes = []
+    if model.config.model_type == "siglip" and context_length != SIGLIP_PIPELINE_LENGTH:
+        notes.append(
+            f"transformers' zero-shot pipeline pads SigLIP text to {SIGLIP_PIPELINE_LENGTH} tokens, this model takes "
+            f"{context_length}: use SiglipModel with the tokenizer (padding='max_length', max_length={context_length})"
+        )
     report = {
+        "notes": notes,
         "max_abs_diff": {
             "image": (ours_img - theirs_img).abs().max().item(),
             "text": (ours_txt - theirs_txt).abs().max().item(),

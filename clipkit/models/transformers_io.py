@@ -245,12 +245,35 @@ _TEXT = {  # after the text prefix ("" in open_clip's CLIP, "text." in CustomTex
     "ln_final.weight": "text_model.final_layer_norm.weight",
     "ln_final.bias": "text_model.final_layer_norm.bias",
 }
-_TRANSPOSED = {"visual.proj": "visual_projection.weight", "text_projection": "text_projection.weight"}
 _RESBLOCK = re.compile(r"^(visual\.)?transformer\.resblocks\.(\d+)\.(.+)$")
 
 
 def _text_prefix(state: dict) -> str:
     return "text." if any(k.startswith("text.") for k in state) else ""
+
+
+def _block(tower: str, index: str, rest: str, key: str, value: torch.Tensor) -> dict[str, torch.Tensor]:
+    """One open_clip transformer-block tensor (`rest` after `resblocks.N.`) under transformers' names."""
+    base = f"{tower}.encoder.layers.{index}"
+    if rest in ("attn.in_proj_weight", "attn.in_proj_bias"):
+        kind = rest.rsplit("_", 1)[1]  # weight | bias
+        chunks = value.chunk(3, dim=0)  # rows: q, then k, then v
+        return {f"{base}.self_attn.{part}_proj.{kind}": c for part, c in zip("qkv", chunks, strict=True)}
+    module, _, kind = rest.rpartition(".")
+    if module not in _BLOCK:
+        raise NotMappableError(f"weight {key}: no place in a transformers encoder layer")
+    return {f"{base}.{_BLOCK[module]}.{kind}": value}
+
+
+def _text_tensor(name: str, key: str, value: torch.Tensor) -> dict[str, torch.Tensor] | None:
+    """An open_clip text-transformer tensor (`name`: its key without the tower prefix) under transformers' names
+    (shared by CLIP and SigLIP); None for the projection, which differs between the two."""
+    if name in _TEXT:
+        return {_TEXT[name]: value}
+    if m := _RESBLOCK.match(name):
+        if not m.group(1):
+            return _block("text_model", m.group(2), m.group(3), key, value)
+    return None
 
 
 def to_transformers_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -262,27 +285,19 @@ def to_transformers_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Ten
     prefix = _text_prefix(state)
     out: dict[str, torch.Tensor] = {}
     for key, value in state.items():
-        name = key[len(prefix) :] if prefix and key.startswith(prefix) else key
+        name = key[len(prefix) :] if key.startswith(prefix) else None  # None: not a text-tower key
         if key == "logit_scale":
             out["logit_scale"] = value.reshape(())
         elif key in _VISION:
             out[_VISION[key]] = value
-        elif name in _TEXT and (key.startswith(prefix) or not prefix):
-            out[_TEXT[name]] = value
-        elif key in _TRANSPOSED or name == "text_projection":
-            out[_TRANSPOSED["visual.proj" if key == "visual.proj" else "text_projection"]] = value.t()
-        elif m := _RESBLOCK.match(name):
-            tower = "vision_model" if m.group(1) else "text_model"
-            base, rest = f"{tower}.encoder.layers.{m.group(2)}", m.group(3)
-            if rest in ("attn.in_proj_weight", "attn.in_proj_bias"):
-                kind = rest.rsplit("_", 1)[1]  # weight | bias
-                for part, chunk in zip("qkv", value.chunk(3, dim=0), strict=True):  # rows: q, then k, then v
-                    out[f"{base}.self_attn.{part}_proj.{kind}"] = chunk
-            else:
-                module, _, kind = rest.rpartition(".")
-                if module not in _BLOCK:
-                    raise NotMappableError(f"weight {key}: no place in transformers' CLIP layer")
-                out[f"{base}.{_BLOCK[module]}.{kind}"] = value
+        elif key == "visual.proj":
+            out["visual_projection.weight"] = value.t()
+        elif (m := _RESBLOCK.match(key)) and m.group(1):
+            out.update(_block("vision_model", m.group(2), m.group(3), key, value))
+        elif name == "text_projection":
+            out["text_projection.weight"] = value.t()
+        elif name is not None and (mapped := _text_tensor(name, key, value)) is not None:
+            out.update(mapped)
         else:
             raise NotMappableError(f"weight {key}: no place in transformers' CLIPModel")
     return {k: v.detach().contiguous().clone() for k, v in out.items()}
@@ -337,18 +352,23 @@ def from_transformers_state(hf: dict[str, torch.Tensor], text_prefix: str = "") 
 # ------------------------------------------------------------------------------------- tokenizer, images
 
 
-def clip_tokenizer(tokenizer, context_length: int):
+def clip_tokenizer(tokenizer, context_length: int, siglip: bool = False):
     """open_clip's CLIP BPE (`SimpleTokenizer`) as a transformers `CLIPTokenizer` (tokenizers-backed).
 
     Same vocabulary and merge ranks; open_clip's special tokens <start_of_text> / <end_of_text> under the names
     transformers' CLIP files use (<|startoftext|> / <|endoftext|>), same ids. Known difference: open_clip unescapes
     HTML entities (`&amp;` -> `&`) and runs ftfy's mojibake repair before tokenizing; transformers does neither.
+
+    Args:
+        siglip: for a SigLIP text tower, which attends to the padding and pools the last position: pad with id 0
+            ("!") as open_clip does, and hand the model no attention mask (as transformers' SigLIP tokenizer).
     """
     from transformers import CLIPTokenizer
 
     vocab = {HF_SPECIAL.get(tok, tok): i for tok, i in tokenizer.encoder.items()}
-    merges = sorted(tokenizer.bpe_ranks, key=tokenizer.bpe_ranks.get)
-    return CLIPTokenizer(vocab=vocab, merges=[tuple(m) for m in merges], model_max_length=context_length)
+    merges = [tuple(m) for m in sorted(tokenizer.bpe_ranks, key=tokenizer.bpe_ranks.get)]
+    extra = {"pad_token": "!", "model_input_names": ["input_ids"]} if siglip else {}
+    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=context_length, **extra)
 
 
 def image_processor_config(preprocess_cfg: dict) -> dict:
@@ -395,3 +415,164 @@ def is_transformers_folder(path: str | Path) -> bool:
         return "model_type" in json.loads((path / "config.json").read_text())
     except (json.JSONDecodeError, UnicodeDecodeError):
         return False
+
+
+# ------------------------------------------------------------------------------------------------ SigLIP
+
+# A SigLIP-style open_clip model maps onto transformers' `SiglipModel` when its image tower is a timm SigLIP ViT
+# (no class token, MAP attention-pool head, `timm_proj: none`) and its text tower open_clip's transformer as SigLIP
+# uses it (no causal mask, the last position pooled, a projection with bias). Both towers end in their own head:
+# SiglipModel has no separate projections. The logit bias comes along.
+SIGLIP_TEXT = {
+    **{k: v for k, v in TEXT_FIXED.items() if k not in ("no_causal_mask", "pool_type", "proj_bias")},
+    "no_causal_mask": True,
+    "pool_type": "last",
+    "proj_bias": True,
+}
+_TIMM_ACT = {"GELUTanh": "gelu_pytorch_tanh", "GELU": "gelu"}
+CLIP_TEXT_DEFAULTS = {**TEXT_FIXED}  # open_clip's defaults for the keys SIGLIP_TEXT sets
+
+
+def siglip_mapping_problems(model_cfg: dict, model: torch.nn.Module) -> list[str]:
+    """What in a SigLIP-style open_clip model has no place in a transformers `SiglipModel`; empty when it maps.
+
+    Args:
+        model_cfg: the open_clip model config.
+        model: the built model: the timm trunk's own settings (class token, pooling, norms) are read from it.
+    """
+    problems = []
+    if model_cfg.get("init_logit_bias") is None:
+        problems.append("init_logit_bias is not set (SiglipModel is the SigLIP loss's model, with a logit bias)")
+    vision, text = model_cfg.get("vision_cfg", {}), model_cfg.get("text_cfg", {})
+    if not vision.get("timm_model_name"):
+        problems.append("vision_cfg: SiglipModel's image tower is a timm SigLIP ViT (timm_model_name: vit_*_siglip_*)")
+    else:
+        if vision.get("timm_pool") != "map" or vision.get("timm_proj") not in ("none", ""):
+            problems.append("vision_cfg.timm_pool/timm_proj: SiglipModel needs the MAP head ('map') and no projection")
+        problems += _timm_siglip_problems(getattr(model.visual, "trunk", None))
+    if text.get("hf_model_name"):
+        problems.append(f"text_cfg.hf_model_name={text['hf_model_name']!r} (a Hugging Face text tower)")
+    else:
+        for key, value in SIGLIP_TEXT.items():
+            if text.get(key, CLIP_TEXT_DEFAULTS.get(key)) != value:
+                problems.append(f"text_cfg.{key}={text.get(key)!r} (transformers' SigLIP text tower: {value!r})")
+        _eps(text, "text_cfg", problems)
+    return problems
+
+
+def _timm_siglip_problems(trunk) -> list[str]:
+    if trunk is None or type(trunk).__name__ != "VisionTransformer":
+        return [f"vision_cfg.timm_model_name: {type(trunk).__name__} is not a timm VisionTransformer"]
+    checks = {
+        "a class token": trunk.cls_token is not None,
+        "register tokens": getattr(trunk, "reg_token", None) is not None,
+        "a pre-norm": type(trunk.norm_pre).__name__ != "Identity",
+        "a norm after pooling": type(trunk.fc_norm).__name__ != "Identity",
+        "a patch norm": type(trunk.patch_embed.norm).__name__ != "Identity",
+        "dynamic image size": bool(getattr(trunk, "dynamic_img_size", False)),
+        "pooling other than MAP": trunk.global_pool != "map" or getattr(trunk.attn_pool, "pool", "") != "token",
+        "layer scale or QK-norm": any(
+            type(m).__name__ != "Identity"
+            for b in trunk.blocks
+            for m in (b.ls1, b.ls2, b.attn.q_norm, b.attn.k_norm, b.drop_path1)
+            if m is not None
+        ),
+        "an activation other than gelu / gelu_tanh": type(trunk.blocks[0].mlp.act).__name__ not in _TIMM_ACT,
+        "non-square images or patches": len(set(trunk.patch_embed.img_size)) > 1
+        or len(set(trunk.patch_embed.patch_size)) > 1,
+    }
+    return [f"the timm image tower has {what} (SiglipModel's has not)" for what, bad in checks.items() if bad]
+
+
+def siglip_config(model_cfg: dict, model: torch.nn.Module) -> dict:
+    """transformers `SiglipConfig` keyword arguments for a SigLIP-style open_clip model (one that maps)."""
+    trunk, text = model.visual.trunk, model_cfg["text_cfg"]
+    block = trunk.blocks[0]
+    t_width = text.get("width", 512)
+    return {
+        "text_config": {
+            "vocab_size": text.get("vocab_size", CLIP_BPE_VOCAB),
+            "hidden_size": t_width,
+            "intermediate_size": int(t_width * text.get("mlp_ratio", 4.0)),
+            "num_hidden_layers": text.get("layers", 12),
+            "num_attention_heads": text.get("heads", 8),
+            "max_position_embeddings": text.get("context_length", 77),
+            "hidden_act": "quick_gelu" if model_cfg.get("quick_gelu", False) else "gelu",
+            "layer_norm_eps": _eps(text, "text_cfg", []),
+            "projection_size": model_cfg["embed_dim"],
+            "pad_token_id": 0,  # open_clip's SimpleTokenizer pads with 0, and the last (pooled) position sees it
+            "bos_token_id": BOS_ID,
+            "eos_token_id": EOS_ID,
+        },
+        "vision_config": {
+            "hidden_size": trunk.embed_dim,
+            "intermediate_size": block.mlp.fc1.out_features,
+            "num_hidden_layers": len(trunk.blocks),
+            "num_attention_heads": block.attn.num_heads,
+            "image_size": trunk.patch_embed.img_size[0],
+            "patch_size": trunk.patch_embed.patch_size[0],
+            "hidden_act": _TIMM_ACT[type(block.mlp.act).__name__],
+            "layer_norm_eps": trunk.norm.eps,
+            "vision_use_head": True,
+        },
+    }
+
+
+_TIMM_BLOCK = {"norm1": "layer_norm1", "norm2": "layer_norm2", "mlp.fc1": "mlp.fc1", "mlp.fc2": "mlp.fc2"}
+_TIMM_BLOCK["attn.proj"] = "self_attn.out_proj"
+_SIGLIP_VISION = {
+    "visual.trunk.patch_embed.proj.weight": "vision_model.embeddings.patch_embedding.weight",
+    "visual.trunk.patch_embed.proj.bias": "vision_model.embeddings.patch_embedding.bias",
+    "visual.trunk.norm.weight": "vision_model.post_layernorm.weight",
+    "visual.trunk.norm.bias": "vision_model.post_layernorm.bias",
+    "visual.trunk.attn_pool.proj.weight": "vision_model.head.attention.out_proj.weight",
+    "visual.trunk.attn_pool.proj.bias": "vision_model.head.attention.out_proj.bias",
+    "visual.trunk.attn_pool.norm.weight": "vision_model.head.layernorm.weight",
+    "visual.trunk.attn_pool.norm.bias": "vision_model.head.layernorm.bias",
+    "visual.trunk.attn_pool.mlp.fc1.weight": "vision_model.head.mlp.fc1.weight",
+    "visual.trunk.attn_pool.mlp.fc1.bias": "vision_model.head.mlp.fc1.bias",
+    "visual.trunk.attn_pool.mlp.fc2.weight": "vision_model.head.mlp.fc2.weight",
+    "visual.trunk.attn_pool.mlp.fc2.bias": "vision_model.head.mlp.fc2.bias",
+    "visual.trunk.attn_pool.latent": "vision_model.head.probe",  # [1, 1, D] both
+}
+_TIMM_RESBLOCK = re.compile(r"^visual\.trunk\.blocks\.(\d+)\.(.+)$")
+
+
+def to_siglip_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A SigLIP-style open_clip state dict (timm SigLIP ViT + open_clip text transformer) -> `SiglipModel`'s.
+
+    Raises:
+        NotMappableError: a key with no place in `SiglipModel`, naming it.
+    """
+    out: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        if key in ("logit_scale", "logit_bias"):
+            out[key] = value.reshape(1)
+        elif key in _SIGLIP_VISION:
+            out[_SIGLIP_VISION[key]] = value
+        elif key == "visual.trunk.pos_embed":
+            out["vision_model.embeddings.position_embedding.weight"] = value[0]  # [1, N, D] -> [N, D]
+        elif key in ("visual.trunk.attn_pool.q.weight", "visual.trunk.attn_pool.q.bias"):
+            # nn.MultiheadAttention's in_proj rows: q, then k, then v; timm keeps q apart and k, v fused (kv).
+            kind = key.rsplit(".", 1)[1]
+            kv = state[f"visual.trunk.attn_pool.kv.{kind}"]
+            out[f"vision_model.head.attention.in_proj_{kind}"] = torch.cat([value, kv], dim=0)
+        elif key.startswith("visual.trunk.attn_pool.kv."):
+            continue  # went into in_proj with q
+        elif m := _TIMM_RESBLOCK.match(key):
+            base, rest = f"vision_model.encoder.layers.{m.group(1)}", m.group(2)
+            module, _, kind = rest.rpartition(".")
+            if module == "attn.qkv":
+                for part, chunk in zip("qkv", value.chunk(3, dim=0), strict=True):
+                    out[f"{base}.self_attn.{part}_proj.{kind}"] = chunk
+            elif module in _TIMM_BLOCK:
+                out[f"{base}.{_TIMM_BLOCK[module]}.{kind}"] = value
+            else:
+                raise NotMappableError(f"weight {key}: no place in transformers' SigLIP vision layer")
+        elif key in ("text.text_projection.weight", "text.text_projection.bias"):
+            out["text_model.head." + key.rsplit(".", 1)[1]] = value  # Linear -> Linear: no transpose
+        elif key.startswith("text.") and (mapped := _text_tensor(key[len("text.") :], key, value)) is not None:
+            out.update(mapped)  # the text transformer's names are the same in CLIP and SigLIP
+        else:
+            raise NotMappableError(f"weight {key}: no place in transformers' SiglipModel")
+    return {k: v.detach().contiguous().clone() for k, v in out.items()}
