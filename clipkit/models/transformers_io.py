@@ -1,5 +1,5 @@
-"""open_clip CLIP <-> Hugging Face transformers `CLIPModel`: config translation, weight mapping, tokenizer and
-image-processor files.
+"""open_clip CLIP <-> Hugging Face transformers `CLIPModel` (and SigLIP-style models -> `SiglipModel`): config
+translation, weight mapping, tokenizer and image-processor files.
 
 The two hold the same network under other names (transformers' `convert_clip_original_pytorch_to_hf.py` does the
 OpenAI-checkpoint half of this). The traps, each handled below:
@@ -22,7 +22,8 @@ OpenAI-checkpoint half of this). The traps, each handled below:
 
 Anything open_clip can build that this does not cover (timm or HF towers, ResNets, CoCa, attentional pooling,
 layer scale, QK-norm and the other custom-block options, a logit bias, non-causal or non-argmax text pooling) is
-listed by `clip_mapping_problems`, so an export can refuse before writing a byte.
+listed by `clip_mapping_problems`, so an export can refuse before writing a byte. The SigLIP half (at the end)
+maps a timm SigLIP ViT (MAP head) + open_clip's non-causal text transformer onto `SiglipModel`, one way.
 """
 
 from __future__ import annotations
