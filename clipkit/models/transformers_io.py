@@ -36,13 +36,9 @@ from pathlib import Path
 import torch
 
 # open_clip's defaults (CLIPVisionCfg / CLIPTextCfg) that transformers' CLIP layers hard-wire.
-VISION_FIXED = {
+BLOCK_FIXED = {  # open_clip's custom attention-block options: transformers' encoder layer has none of them
     "ls_init_value": None,
-    "attentional_pool": False,
-    "no_ln_pre": False,
-    "pos_embed_type": "learnable",
     "final_ln_after_pool": False,
-    "pool_type": "tok",
     "act_kwargs": None,
     "block_type": None,
     "qk_norm": False,
@@ -52,22 +48,20 @@ VISION_FIXED = {
     "scale_attn": False,
     "scale_fc": False,
 }
+VISION_FIXED = {
+    **BLOCK_FIXED,
+    "attentional_pool": False,
+    "no_ln_pre": False,
+    "pos_embed_type": "learnable",
+    "pool_type": "tok",
+}
 TEXT_FIXED = {
-    "ls_init_value": None,
+    **BLOCK_FIXED,
     "embed_cls": False,
     "no_causal_mask": False,
-    "final_ln_after_pool": False,
     "pool_type": "argmax",
     "proj_bias": False,
     "proj_type": "linear",
-    "act_kwargs": None,
-    "block_type": None,
-    "qk_norm": False,
-    "scaled_cosine_attn": False,
-    "scale_heads": False,
-    "scale_attn_inner": False,
-    "scale_attn": False,
-    "scale_fc": False,
     "hf_tokenizer_name": None,
     "tokenizer_mode": None,
     "tokenizer_kwargs": None,
@@ -431,7 +425,6 @@ SIGLIP_TEXT = {
     "proj_bias": True,
 }
 _TIMM_ACT = {"GELUTanh": "gelu_pytorch_tanh", "GELU": "gelu"}
-CLIP_TEXT_DEFAULTS = {**TEXT_FIXED}  # open_clip's defaults for the keys SIGLIP_TEXT sets
 
 
 def siglip_mapping_problems(model_cfg: dict, model: torch.nn.Module) -> list[str]:
@@ -455,7 +448,7 @@ def siglip_mapping_problems(model_cfg: dict, model: torch.nn.Module) -> list[str
         problems.append(f"text_cfg.hf_model_name={text['hf_model_name']!r} (a Hugging Face text tower)")
     else:
         for key, value in SIGLIP_TEXT.items():
-            if text.get(key, CLIP_TEXT_DEFAULTS.get(key)) != value:
+            if text.get(key, TEXT_FIXED.get(key)) != value:
                 problems.append(f"text_cfg.{key}={text.get(key)!r} (transformers' SigLIP text tower: {value!r})")
         _eps(text, "text_cfg", problems)
     return problems
