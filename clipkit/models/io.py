@@ -12,6 +12,7 @@ import json
 from pathlib import Path
 
 import torch
+from accelerate.utils import extract_model_from_parallel
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
@@ -22,13 +23,6 @@ from clipkit.models.weights import load_pretrained
 CONFIG_NAME = "open_clip_config.json"
 WEIGHTS_NAME = "open_clip_model.safetensors"
 INFO_NAME = "clipkit.json"
-
-
-def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    # DDP / torch.compile wrappers keep the real module under these attributes.
-    while hasattr(model, "module") or hasattr(model, "_orig_mod"):
-        model = getattr(model, "module", None) or model._orig_mod
-    return model
 
 
 def save_model(
@@ -45,7 +39,9 @@ def save_model(
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    state = model if isinstance(model, dict) else _unwrap(model).state_dict()
+    state = (
+        model if isinstance(model, dict) else extract_model_from_parallel(model).state_dict()
+    )  # DDP, FSDP, compile wrappers
     state = {k: v.detach().contiguous().cpu() for k, v in state.items()}
     with atomic_path(out_dir / WEIGHTS_NAME) as tmp:
         save_file(state, str(tmp), metadata={"format": "pt"})
