@@ -46,6 +46,7 @@ class ModelBundle:
         eval_transform: PIL image -> [3, H, W] float tensor, deterministic.
         tokenizer: list of strings -> [B, context_length] int64 token ids.
         config: {"model_cfg": ..., "preprocess_cfg": ...}: the open_clip_config.json content.
+        source: the model folder, or the weights file, the model was loaded from ("" for a new model).
     """
 
     model: torch.nn.Module
@@ -53,6 +54,7 @@ class ModelBundle:
     eval_transform: Callable
     tokenizer: Callable
     config: dict
+    source: str = ""
 
 
 def resolve_config(cfg: ModelCfg) -> dict:
@@ -196,7 +198,7 @@ def create_model(cfg: ModelCfg) -> ModelBundle:
         )
     bundle = bundle_from_config(config, load_tower_weights=cfg.pretrained is None)
     if cfg.pretrained is not None:
-        load_pretrained(bundle.model, cfg.pretrained)
+        load_pretrained(bundle.model, cfg.pretrained, config["model_cfg"])
     apply_locks(bundle.model, cfg)
     if cfg.cache_locked_text:
         cache_locked_text(bundle.model)
