@@ -155,7 +155,8 @@ def _clustered(rng: np.random.Generator, n: int, d: int, centers: int = 64) -> n
 
 
 def test_ivfpq_with_rerank_from_disk_reaches_recall(tmp_path):
-    from clipkit.index import set_search_params, tune_search_params
+    from clipkit.index.build import set_search_params
+    from clipkit.index.measure import tune_search_params
 
     rng = np.random.default_rng(0)
     x = _clustered(rng, 20_000, 64)
@@ -202,7 +203,8 @@ def test_mapped_rows_reads_across_parts(tmp_path):
 _CAPPED_BUILD = """
 import json, sys
 import numpy as np
-from clipkit.index import MappedRows, build_index, exact_search, recall_at_k, search, set_search_params
+from clipkit.index import MappedRows, build_index, exact_search, recall_at_k, search
+from clipkit.index.build import set_search_params
 path, budget = sys.argv[1], int(sys.argv[2])
 rows = MappedRows([path])
 index = build_index(rows, "IVF256,PQ32x8", memory_budget_bytes=budget)

@@ -5,19 +5,9 @@ import json
 import numpy as np
 import pytest
 
-from clipkit.index import (
-    FLAT_MAX_VECTORS,
-    IndexFileError,
-    build_index,
-    build_index_dir,
-    choose_factory,
-    load_embeddings,
-    load_index,
-    query_index_dir,
-    save_index,
-    search,
-    set_search_params,
-)
+from clipkit.index import IndexFileError, build_index, build_index_dir, load_embeddings, query_index_dir, search
+from clipkit.index.build import FLAT_MAX_VECTORS, choose_factory, set_search_params
+from clipkit.index.store import load_index, save_index
 
 
 def _unit(rng: np.random.Generator, n: int, d: int) -> np.ndarray:
