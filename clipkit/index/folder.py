@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,7 +41,8 @@ from clipkit.index.store import (
 )
 
 CAPTIONS_SUBDIR = "captions"  # the caption index inside an index folder
-EXACT_IN_RAM_BYTES = 4 << 30  # without a budget, the exact baseline of a report loads vectors up to this size
+EXACT_IN_RAM_BYTES = 4 << 30
+_DIRECT_MAP_LOCK = threading.Lock()  # without a budget, the exact baseline of a report loads vectors up to this size
 DEFAULT_EVAL_QUERIES = 1000
 
 
@@ -286,6 +288,19 @@ class IndexDir:
     @property
     def count(self) -> int:
         return int(self.index.ntotal)
+
+    def vectors(self, ids: Any) -> np.ndarray:
+        """[len(ids), D] float32 stored vectors of rows: the re-ranking vectors when kept, else faiss' reconstruction
+        (exact for Flat/HNSW, the decoded codes for PQ/SQ; an IVF index gets its direct map on first use)."""
+        ids = np.asarray(ids, np.int64).reshape(-1)
+        if self.rerank_vectors is not None:
+            return self.rerank_vectors.take(ids)
+        ivf = faiss.try_extract_index_ivf(self.index)
+        if ivf is not None and ivf.direct_map.type == faiss.DirectMap.NoMap:
+            with _DIRECT_MAP_LOCK:
+                if ivf.direct_map.type == faiss.DirectMap.NoMap:
+                    ivf.make_direct_map()  # 8 bytes per vector
+        return self.index.reconstruct_batch(ids).astype(np.float32, copy=False)
 
     def source_of(self, row: int) -> tuple[str, str] | None:
         """(shard path, sample key) of image row `row`, or None when the index records no shards (`shard_sources`).
