@@ -273,6 +273,7 @@ class Handler(BaseHTTPRequestHandler):
 
     def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
         # http.server's own errors (bad request line, header too long, unsupported method) as JSON too.
+        self.request_version = "HTTP/1.0"  # an unparsed request line reads as HTTP/0.9, which gets no headers
         self._fail(code, message or self.responses.get(code, ("error",))[0])
 
     def _send(self, status: int, body: dict[str, Any]) -> None:
