@@ -372,6 +372,26 @@ def test_serve_round_trip(small_shards, model_dir, tmp_path):
 # ------------------------------------------------------------------------------------------- eval tasks
 
 
+def test_single_layout_records_each_rows_shard(small_shards, model_dir, tmp_path):
+    # The single layout (train.py's end-of-run index) keeps the shard of every row, as the parts layout does.
+    from clipkit.evaluate.embed import save_embeddings
+    from clipkit.serve.thumbnails import ShardImages
+
+    urls = sorted(str(p) for p in small_shards.glob("test-*.tar"))[:2]
+    bundle = _bundle(model_dir)
+    emb = embed_shards(bundle.model, bundle.eval_transform, bundle.tokenizer, urls, batch_size=64)
+    assert emb.shard_rows == [90, 90]
+    save_embeddings(tmp_path / "e", emb, {"model": str(model_dir), "shards": urls})
+    build_index_dir(tmp_path / "e", evaluate=False)
+    index = open_index_dir(tmp_path / "e/index")
+    images = ShardImages(index)
+    for row in (0, 89, 90, 179):
+        shard, key = index.source_of(row)
+        assert shard == urls[row // 90] and key == index.meta[row]["key"]
+        with tarfile.open(shard) as tar:
+            assert images.get(row) == (tar.extractfile(f"{key}.png").read(), "image/png")
+
+
 def test_linear_probe_on_digits_beats_chance(digits_dir, model_dir, tmp_path):
     out = tmp_path / "eval" / "linear_probe-digits.json"
     args = ["eval", "linear-probe", "--checkpoint", str(model_dir), "--train", str(digits_dir / "train-*.tar")]
