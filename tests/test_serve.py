@@ -324,9 +324,9 @@ def test_bench_serve_smoke(index_dir, tmp_path):
     env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
     cmd = [sys.executable, str(REPO / "tools/bench/bench_serve.py"), str(index_dir), "--clients", "2"]
     out = tmp_path / "serve.json"
-    cmd += ["--requests", "5", "-k", "5", "--cli-runs", "1", "--out", str(out)]
+    cmd += ["--requests", "6", "-k", "5", "--rounds", "2", "--cli-runs", "1", "--out", str(out)]
     subprocess.run(cmd, env=env, check=True, capture_output=True, timeout=300)
     result = json.loads(out.read_text())
     server = result["server"]
-    assert server["requests"] == 10 and server["errors"] == 0 and server["p99_ms"] >= server["p50_ms"] > 0
-    assert result["query_function"]["requests"] == 10 and result["cli_command"]["requests"] == 1
+    assert server["requests"] == 12 and server["errors"] == 0 and server["p99_ms"] >= server["p50_ms"] > 0
+    assert result["query_function"]["requests"] == 12 and result["cli_command"]["requests"] == 2

@@ -9,6 +9,10 @@ caller). An index folder holds:
 - `meta.jsonl` (or `meta.parquet`) and `embed.json`: the row-aligned metadata of the indexed vectors, so the
   index folder answers queries on its own;
 - `report.json`: recall@k against exact search on held-out queries, queries/s, bytes (see `evaluate_index`).
+- `captions/` (optional, `build_index_dir(captions=True)`): the same files for an index of the caption vectors.
+
+index.json's "sources" records the shard of each row (runs of rows per shard, see `shard_sources`): with a row's
+key it locates the row's image in its tar, which the search page shows.
 
 An embedding folder (written by `clipkit embed`) comes in two layouts, both read by `load_embeddings`:
 

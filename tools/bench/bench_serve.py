@@ -1,15 +1,18 @@
 """Load benchmark of `clipkit index serve`: concurrent clients on 127.0.0.1 against the same queries via the CLI path.
 
-Usage: python tools/bench/bench_serve.py INDEX_DIR [--clients 8] [--requests 250] [-k 20] [--cli-runs 5] [--out F]
+Usage: python tools/bench/bench_serve.py INDEX_DIR [--clients 8] [--requests 250] [-k 20] [--rounds 5] [--out F]
 
 Three sides, the same text queries (the index's own first captions, cycled), k hits each:
 - server: the search server in this process (one shared encoder), C client threads each sending R requests of
   GET /api/search?text=...&k=... over fresh connections; latency per request, p50/p99, requests/s over the wall time;
 - query function: `clipkit.serve.answer`, what `clipkit index query` runs once its model is loaded, one query at a
-  time in this process;
+  time in this process's main thread (as the CLI does), and the same from one worker thread (as a handler does);
 - CLI command: `python -m clipkit.cli index query DIR --text ... -k K --json` as a whole process (start, model load,
-  one query), `--cli-runs` times.
-The loop is bounded (C x R requests) and stops by itself. Prints one JSON object (also written to --out).
+  one query), `--cli-runs` times per round.
+The sides alternate over `--rounds` rounds (each round: R / rounds requests per client, then as many function calls,
+then the CLI runs), so a change in the machine's load reaches all of them. The loop is bounded (C x R requests) and
+stops by itself. Prints one JSON object (also written to --out): per side p50/p99/mean latency (ms) and requests/s
+(server: over the wall time of the concurrent load; the others: one at a time).
 """
 
 from __future__ import annotations
@@ -71,14 +74,7 @@ def bench_server(index, encoder, queries: list[str], clients: int, requests: int
         server.shutdown()
         server.server_close()
     flat = [s for per in latencies for s in per]
-    return {
-        "clients": clients,
-        "requests": len(flat),
-        "errors": sum(errors),
-        "wall_s": wall,
-        "requests_per_s": len(flat) / wall,
-        **percentiles(flat),
-    }
+    return {"requests": len(flat), "errors": sum(errors), "busy_s": wall, "seconds": flat}
 
 
 def bench_function(index, encoder, queries: list[str], n: int, k: int) -> dict:
@@ -87,7 +83,7 @@ def bench_function(index, encoder, queries: list[str], n: int, k: int) -> dict:
         t0 = time.perf_counter()
         answer(index, [{"text": queries[i % len(queries)]}], k, encoder)
         times.append(time.perf_counter() - t0)
-    return {"requests": n, "requests_per_s": n / sum(times), **percentiles(times)}
+    return {"requests": n, "busy_s": sum(times), "seconds": times}
 
 
 def bench_cli(index_dir: Path, queries: list[str], runs: int, k: int) -> dict | None:
@@ -95,35 +91,77 @@ def bench_cli(index_dir: Path, queries: list[str], runs: int, k: int) -> dict | 
         return None
     times = []
     for i in range(runs):
-        cmd = [sys.executable, "-m", "clipkit.cli", "index", "query", str(index_dir), "--text", queries[i], "-k", str(k)]
+        cmd = [
+            sys.executable,
+            "-m",
+            "clipkit.cli",
+            "index",
+            "query",
+            str(index_dir),
+            "--text",
+            queries[i],
+            "-k",
+            str(k),
+        ]
         t0 = time.perf_counter()
         subprocess.run([*cmd, "--json"], check=True, capture_output=True)
         times.append(time.perf_counter() - t0)
-    return {"requests": runs, "requests_per_s": runs / sum(times), **percentiles(times)}
+    return {"requests": runs, "busy_s": sum(times), "seconds": times}
+
+
+SIDES = ("server", "query_function", "query_function_thread", "cli_command")
+
+
+def in_thread(fn, *args):
+    """fn(*args) run in a new thread, as the server's handlers run (OpenMP teams and their spinning differ from the
+    main thread's on a loaded machine)."""
+    out = []
+    worker = threading.Thread(target=lambda: out.append(fn(*args)))
+    worker.start()
+    worker.join()
+    return out[0]
 
 
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("index_dir")
     p.add_argument("--clients", type=int, default=8)
-    p.add_argument("--requests", type=int, default=250, help="requests per client")
+    p.add_argument("--requests", type=int, default=250, help="requests per client (over all rounds)")
     p.add_argument("-k", type=int, default=20)
-    p.add_argument("--cli-runs", type=int, default=5, help="whole `clipkit index query` processes timed")
+    p.add_argument("--rounds", type=int, default=5, help="the sides alternate this many times (load shifts)")
+    p.add_argument("--cli-runs", type=int, default=1, help="whole `clipkit index query` processes timed per round")
     p.add_argument("--out", help="also write the JSON here")
     args = p.parse_args(argv)
     index = open_index_dir(Path(args.index_dir))
     encoder = QueryEncoder(index.model)
     queries = list(dict.fromkeys(c for row in index.meta for c in row.get("captions", [])[:1]))[:200]
     answer(index, [{"text": queries[0]}], args.k, encoder)  # warm-up: first forward allocates
+    load_start = os.getloadavg()
+    per_round = max(1, args.requests // args.rounds)
+    rounds = []
+    for r in range(args.rounds):  # server, function, CLI, then again: each side sees the same shifts in load
+        shifted = queries[r * 7 % len(queries) :] + queries[: r * 7 % len(queries)]
+        rounds.append(
+            {
+                "server": bench_server(index, encoder, shifted, args.clients, per_round, args.k),
+                "query_function": bench_function(index, encoder, shifted, args.clients * per_round, args.k),
+                "query_function_thread": in_thread(
+                    bench_function, index, encoder, shifted, args.clients * per_round, args.k
+                ),
+                "cli_command": bench_cli(Path(args.index_dir), shifted, args.cli_runs, args.k),
+            }
+        )
     result = {
         "index": {"count": index.count, "dim": index.dim, "factory": index.info.get("factory"), "model": index.model},
         "k": args.k,
-        "server": bench_server(index, encoder, queries, args.clients, args.requests, args.k),
-        "query_function": bench_function(index, encoder, queries, args.clients * args.requests, args.k),
-        "cli_command": bench_cli(Path(args.index_dir), queries, args.cli_runs, args.k),
+        "clients": args.clients,
+        "rounds": args.rounds,
+        **{side: merge([r[side] for r in rounds if r[side]]) for side in SIDES},
+        "per_round": [{side: merge([r[side]]) if r[side] else None for side in r} for r in rounds],
         "machine": {
             "cpu_count": os.cpu_count(),
             "processor": platform.processor() or platform.machine(),
+            "loadavg_at_start": load_start,
             "loadavg_at_end": os.getloadavg(),
             "python": platform.python_version(),
         },
@@ -136,6 +174,16 @@ def main(argv: list[str] | None = None) -> dict:
         write_text_atomic(args.out, text + "\n")
     print(text)
     return result
+
+
+def merge(parts: list[dict]) -> dict | None:
+    """One side's rounds together: all latencies' percentiles, requests/s over the summed time."""
+    if not parts:
+        return None
+    seconds = [s for p in parts for s in p["seconds"]]
+    busy = sum(p["busy_s"] for p in parts)
+    return {"requests": len(seconds), "errors": sum(p.get("errors", 0) for p in parts),
+            "requests_per_s": len(seconds) / busy, **percentiles(seconds)}  # fmt: skip
 
 
 if __name__ == "__main__":
