@@ -118,6 +118,8 @@ def test_api_search_info_and_images(server, index_dir, quickstart_data):
     top = got["hits"][0]
     assert top["captions"] == ["black cat"] and top["image_row"] == row and top["score"] > 0.999
     assert top["image"] == f"/api/image/{row}"
+    rows = [h["image_row"] for h in got["hits"]]
+    assert len(set(rows)) == len(rows)  # caption mode: each image once, with its best caption
 
     # The image of a row is its shard member, byte for byte; a search by that row (more like this) finds it first.
     key = index.meta[row]["key"]

@@ -183,21 +183,26 @@ def check_request(
 
 
 def search_vectors(index: IndexDir, vectors: np.ndarray, k: int, mode: str = "image", dedup: float | None = None):
-    """Per query vector, its hits best first (`IndexDir.query`'s dicts) in the image or caption index.
+    """Per query vector, its hits best first (`IndexDir.query`'s dicts plus "image_row") in the image or caption index.
 
     Args:
         index: the image index folder (its `captions` for mode "caption").
         vectors: [Q, D] L2-normalized queries.
         k: hits per query.
-        mode: "image" or "caption"; caption hits carry the image row of their caption in "image_row".
+        mode: "image" or "caption". Caption mode shows each image once, with its best caption.
         dedup: cosine threshold of the near-duplicate filter: a hit whose stored vector has cosine >= dedup with a
-            better hit already kept is dropped (DEDUP_OVERFETCH x k candidates are searched to fill k). None: off.
+            better hit already kept is dropped. None: off.
+    With a filter (caption mode or dedup), DEDUP_OVERFETCH x k candidates are searched so that k usually remain.
     """
     target = index.captions if mode == "caption" else index
-    fetch = k if dedup is None else min(k * DEDUP_OVERFETCH, target.count)
-    results = target.query(vectors, fetch)
+    fetch = k if dedup is None and mode == "image" else min(k * DEDUP_OVERFETCH, target.count)
     out = []
-    for hits in results:
+    for hits in target.query(vectors, fetch):
+        for h in hits:
+            h["image_row"] = int(h.pop("meta", {})["image_row"]) if mode == "caption" else h["id"]
+        if mode == "caption":
+            seen: set[int] = set()
+            hits = [h for h in hits if not (h["image_row"] in seen or seen.add(h["image_row"]))]
         if dedup is not None and hits:
             stored = target.vectors([h["id"] for h in hits])  # [H, D]
             kept: list[int] = []
@@ -208,7 +213,6 @@ def search_vectors(index: IndexDir, vectors: np.ndarray, k: int, mode: str = "im
         hits = hits[:k]
         for rank, h in enumerate(hits, 1):
             h["rank"] = rank
-            h["image_row"] = int(h.pop("meta", {}).get("image_row", h["id"])) if mode == "caption" else h["id"]
         out.append(hits)
     return out
 
