@@ -327,10 +327,24 @@ def test_bench_serve_smoke(index_dir, tmp_path):
 
     bench = runpy.run_path(str(REPO / "tools/bench/bench_serve.py"))  # in this process: no second model load
     out = tmp_path / "serve.json"
-    args = [str(index_dir), "--clients", "2", "--requests", "6", "-k", "5", "--rounds", "2", "--cli-runs", "0"]
+    args = [
+        str(index_dir),
+        "--clients",
+        "2",
+        "--requests",
+        "6",
+        "-k",
+        "5",
+        "--rounds",
+        "2",
+        "--cli-runs",
+        "0",
+        "--function-requests",
+        "8",
+    ]
     bench["main"]([*args, "--out", str(out)])
     result = json.loads(out.read_text())
     server = result["server"]
     assert server["requests"] == 12 and server["errors"] == 0 and server["p99_ms"] >= server["p50_ms"] > 0
-    assert result["query_function"]["requests"] == result["query_function_thread"]["requests"] == 12
+    assert result["query_function"]["requests"] == result["query_function_thread"]["requests"] == 8
     assert result["cli_command"] is None and len(result["per_round"]) == 2

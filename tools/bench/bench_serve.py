@@ -9,7 +9,7 @@ Three sides, the same text queries (the index's own first captions, cycled), k h
   time in this process's main thread (as the CLI does), and the same from one worker thread (as a handler does);
 - CLI command: `python -m clipkit.cli index query DIR --text ... -k K --json` as a whole process (start, model load,
   one query), `--cli-runs` times per round.
-The sides alternate over `--rounds` rounds (each round: R / rounds requests per client, then as many function calls,
+The sides alternate over `--rounds` rounds (each round: R / rounds requests per client, then --function-requests / rounds function calls,
 then the CLI runs), so a change in the machine's load reaches all of them. The loop is bounded (C x R requests) and
 stops by itself. Prints one JSON object (also written to --out): per side p50/p99/mean latency (ms) and requests/s
 (server: over the wall time of the concurrent load; the others: one at a time).
@@ -129,6 +129,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--requests", type=int, default=250, help="requests per client (over all rounds)")
     p.add_argument("-k", type=int, default=20)
     p.add_argument("--rounds", type=int, default=5, help="the sides alternate this many times (load shifts)")
+    p.add_argument("--function-requests", type=int, default=400, help="query-function calls per side (all rounds)")
     p.add_argument("--cli-runs", type=int, default=1, help="whole `clipkit index query` processes timed per round")
     p.add_argument("--out", help="also write the JSON here")
     args = p.parse_args(argv)
@@ -138,13 +139,14 @@ def main(argv: list[str] | None = None) -> dict:
     answer(index, [{"text": queries[0]}], args.k, encoder)  # warm-up: first forward allocates
     load_start = os.getloadavg()
     per_round = max(1, args.requests // args.rounds)
+    calls = max(1, args.function_requests // args.rounds)  # one at a time: fewer than the server's requests
     rounds = []
     for r in range(args.rounds):  # server, function, CLI, then again: each side sees the same shifts in load
         shifted = queries[r * 7 % len(queries) :] + queries[: r * 7 % len(queries)]
         rounds.append(
             {
                 "server": bench_server(index, encoder, shifted, args.clients, per_round, args.k),
-                "query_function": bench_function(index, encoder, shifted, args.clients * per_round, args.k),
+                "query_function": bench_function(index, encoder, shifted, calls, args.k),
                 "query_function_thread": in_thread(
                     bench_function, index, encoder, shifted, args.clients * per_round, args.k
                 ),
