@@ -9,10 +9,10 @@ Three sides, the same text queries (the index's own first captions, cycled), k h
   time in this process's main thread (as the CLI does), and the same from one worker thread (as a handler does);
 - CLI command: `python -m clipkit.cli index query DIR --text ... -k K --json` as a whole process (start, model load,
   one query), `--cli-runs` times per round.
-The sides alternate over `--rounds` rounds (each round: R / rounds requests per client, then --function-requests / rounds function calls,
-then the CLI runs), so a change in the machine's load reaches all of them. The loop is bounded (C x R requests) and
-stops by itself. Prints one JSON object (also written to --out): per side p50/p99/mean latency (ms) and requests/s
-(server: over the wall time of the concurrent load; the others: one at a time).
+The sides alternate over `--rounds` rounds (each round: R / rounds requests per client, then
+--function-requests / rounds function calls, then the CLI runs), so a change in the machine's load reaches all of
+them. The loop is bounded and stops by itself. Prints one JSON object (also written to --out): per side p50/p99/mean
+latency (ms) and requests/s (server: over the wall time of the concurrent load; the others: one at a time).
 """
 
 from __future__ import annotations
@@ -147,9 +147,7 @@ def main(argv: list[str] | None = None) -> dict:
             {
                 "server": bench_server(index, encoder, shifted, args.clients, per_round, args.k),
                 "query_function": bench_function(index, encoder, shifted, calls, args.k),
-                "query_function_thread": in_thread(
-                    bench_function, index, encoder, shifted, args.clients * per_round, args.k
-                ),
+                "query_function_thread": in_thread(bench_function, index, encoder, shifted, calls, args.k),
                 "cli_command": bench_cli(Path(args.index_dir), shifted, args.cli_runs, args.k),
             }
         )
