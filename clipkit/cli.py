@@ -174,6 +174,7 @@ def _encoder(index, checkpoint: str | None, required: bool):
 def _query(args: argparse.Namespace) -> int:
     from clipkit.index import open_index_dir
     from clipkit.serve import answer, read_query_file
+    from clipkit.serve.query import check_request
 
     given = [x is not None for x in (args.text, args.image, args.file)]
     if sum(given) != 1:
@@ -183,6 +184,7 @@ def _query(args: argparse.Namespace) -> int:
         queries = read_query_file(Path(args.file))
     else:
         queries = [{"text": args.text}] if args.text is not None else [{"image": args.image}]
+    check_request(queries, args.k)  # an empty text or a bad k is refused before the model loads
     needs_model = any("vector" not in q for q in queries)
     encoder = _encoder(index, args.checkpoint, required=needs_model) if needs_model else None
     results = answer(index, queries, args.k, encoder)["results"]
