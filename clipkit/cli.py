@@ -151,6 +151,7 @@ def _cmd_index(args: argparse.Namespace) -> int:
             n_queries=args.queries,
             target_recall=args.target_recall,
             evaluate=not args.no_eval,
+            captions=args.captions,
         )
         print(json.dumps(info, indent=2))
         return 0
@@ -189,6 +190,7 @@ def _encoder(index, checkpoint: str | None, required: bool):
 def _query(args: argparse.Namespace) -> int:
     from clipkit.index import open_index_dir
     from clipkit.serve import answer, read_query_file
+    from clipkit.serve.query import check_request
 
     given = [x is not None for x in (args.text, args.image, args.file)]
     if sum(given) != 1:
@@ -198,6 +200,7 @@ def _query(args: argparse.Namespace) -> int:
         queries = read_query_file(Path(args.file))
     else:
         queries = [{"text": args.text}] if args.text is not None else [{"image": args.image}]
+    check_request(queries, args.k)  # an empty text or a bad k is refused before the model loads
     needs_model = any("vector" not in q for q in queries)
     encoder = _encoder(index, args.checkpoint, required=needs_model) if needs_model else None
     results = answer(index, queries, args.k, encoder)["results"]
@@ -214,12 +217,17 @@ def _query(args: argparse.Namespace) -> int:
 
 def _serve(args: argparse.Namespace) -> int:
     from clipkit.index import open_index_dir
-    from clipkit.serve import serve
+    from clipkit.serve import LOOPBACK, serve
 
+    if not 0 <= args.port <= 65535:
+        raise ValueError(f"--port {args.port}: out of range; give 0 (any free port) to 65535")
     index = open_index_dir(Path(args.dir))
     encoder = _encoder(index, args.checkpoint, required=False)
-    ready = lambda port: print(f"serving {args.dir} on http://127.0.0.1:{port}/query (Ctrl-C stops)", flush=True)
-    serve(index, encoder, args.port, ready)
+    if args.host != LOOPBACK:
+        print(f"clipkit index serve: warning: listening on {args.host}: anyone who can reach it can query the index "
+              "and read its images (there is no authentication)", file=sys.stderr, flush=True)  # fmt: skip
+    ready = lambda port: print(f"serving {args.dir} on http://{args.host}:{port}/ (Ctrl-C stops)", flush=True)
+    serve(index, encoder, args.port, ready, host=args.host)
     return 0
 
 
@@ -352,6 +360,7 @@ def make_parser() -> argparse.ArgumentParser:
     b.add_argument("--queries", type=int, default=1000, help="held-out queries (half tune, half report)")
     b.add_argument("--target-recall", type=float, default=0.95, help="recall@k the search parameters must reach")
     b.add_argument("--no-eval", action="store_true", help="skip tuning and the recall/speed report")
+    b.add_argument("--captions", action="store_true", help="also index the captions (the search page's caption mode)")
     b.set_defaults(fn=_cmd_index)
     q = isub.add_parser("query", help="query by text, image or a file of queries")
     q.add_argument("dir", help="index folder")
@@ -362,9 +371,10 @@ def make_parser() -> argparse.ArgumentParser:
     q.add_argument("--checkpoint", help="model folder (default: the one recorded in embed.json)")
     q.add_argument("--json", action="store_true", help="print hits as JSON")
     q.set_defaults(fn=_cmd_index)
-    sv = isub.add_parser("serve", help="answer queries as JSON over HTTP on 127.0.0.1")
+    sv = isub.add_parser("serve", help="a search page and a JSON API over HTTP on 127.0.0.1 (docs/serve.md)")
     sv.add_argument("dir", help="index folder")
-    sv.add_argument("--port", type=int, default=8765, help="port on 127.0.0.1 (0: any free one)")
+    sv.add_argument("--port", type=int, default=8765, help="port (0: any free one)")
+    sv.add_argument("--host", default="127.0.0.1", help="address to listen on; not loopback = no authentication")
     sv.add_argument("--checkpoint", help="model folder (default: the one recorded in embed.json)")
     sv.set_defaults(fn=_cmd_index)
 

@@ -155,7 +155,8 @@ def _clustered(rng: np.random.Generator, n: int, d: int, centers: int = 64) -> n
 
 
 def test_ivfpq_with_rerank_from_disk_reaches_recall(tmp_path):
-    from clipkit.index import set_search_params, tune_search_params
+    from clipkit.index.build import set_search_params
+    from clipkit.index.measure import tune_search_params
 
     rng = np.random.default_rng(0)
     x = _clustered(rng, 20_000, 64)
@@ -202,7 +203,8 @@ def test_mapped_rows_reads_across_parts(tmp_path):
 _CAPPED_BUILD = """
 import json, sys
 import numpy as np
-from clipkit.index import MappedRows, build_index, exact_search, recall_at_k, search, set_search_params
+from clipkit.index import MappedRows, build_index, exact_search, recall_at_k, search
+from clipkit.index.build import set_search_params
 path, budget = sys.argv[1], int(sys.argv[2])
 rows = MappedRows([path])
 index = build_index(rows, "IVF256,PQ32x8", memory_budget_bytes=budget)
@@ -368,6 +370,26 @@ def test_serve_round_trip(small_shards, model_dir, tmp_path):
 
 
 # ------------------------------------------------------------------------------------------- eval tasks
+
+
+def test_single_layout_records_each_rows_shard(small_shards, model_dir, tmp_path):
+    # The single layout (train.py's end-of-run index) keeps the shard of every row, as the parts layout does.
+    from clipkit.evaluate.embed import save_embeddings
+    from clipkit.serve.thumbnails import ShardImages
+
+    urls = sorted(str(p) for p in small_shards.glob("test-*.tar"))[:2]
+    bundle = _bundle(model_dir)
+    emb = embed_shards(bundle.model, bundle.eval_transform, bundle.tokenizer, urls, batch_size=64)
+    assert emb.shard_rows == [90, 90]
+    save_embeddings(tmp_path / "e", emb, {"model": str(model_dir), "shards": urls})
+    build_index_dir(tmp_path / "e", evaluate=False)
+    index = open_index_dir(tmp_path / "e/index")
+    images = ShardImages(index)
+    for row in (0, 89, 90, 179):
+        shard, key = index.source_of(row)
+        assert shard == urls[row // 90] and key == index.meta[row]["key"]
+        with tarfile.open(shard) as tar:
+            assert images.get(row) == (tar.extractfile(f"{key}.png").read(), "image/png")
 
 
 def test_linear_probe_on_digits_beats_chance(digits_dir, model_dir, tmp_path):

@@ -6,18 +6,17 @@ import numpy as np
 import pytest
 
 from clipkit.index import (
-    FLAT_MAX_VECTORS,
     IndexFileError,
     build_index,
     build_index_dir,
-    choose_factory,
+    exact_search,
     load_embeddings,
-    load_index,
     query_index_dir,
-    save_index,
+    recall_at_k,
     search,
-    set_search_params,
 )
+from clipkit.index.build import FLAT_MAX_VECTORS, choose_factory, set_search_params
+from clipkit.index.store import load_index, save_index
 
 
 def _unit(rng: np.random.Generator, n: int, d: int) -> np.ndarray:
@@ -186,3 +185,31 @@ def test_load_embeddings_names_missing_file(tmp_path):
     (tmp_path / "emb" / "meta.jsonl").unlink()
     with pytest.raises(FileNotFoundError, match="meta.jsonl"):
         load_embeddings(tmp_path / "emb")
+
+
+def test_exact_search_gives_faiss_knn_ids(data):
+    # Ours scans windows from disk; faiss.knn needs the vectors in RAM. Same ids and scores on the same data.
+    import faiss
+
+    vectors, queries = data
+    for metric, code in (("ip", faiss.METRIC_INNER_PRODUCT), ("l2", faiss.METRIC_L2)):
+        ref_scores, ref_ids = faiss.knn(queries, vectors, 10, metric=code)
+        scores, ids = exact_search(vectors, queries, 10, metric, chunk_rows=300)  # several chunks merged
+        np.testing.assert_array_equal(ids, ref_ids)
+        np.testing.assert_allclose(scores, ref_scores, rtol=1e-5, atol=1e-5)
+
+
+def test_recall_at_k_against_an_independent_count():
+    exact = np.array([[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 10, 11]])
+    approx = np.array([[3, 0, 9, -1], [7, 7, 5, 4], [-1, -1, -1, -1]])  # -1: fewer hits; a repeated id counts once
+    # By hand at k=3: query 0 {3, 0, 9} & {0, 1, 2} = {0}; query 1 {7, 5} & {4, 5, 6} = {5}; query 2: none.
+    assert recall_at_k(approx, exact, 3) == pytest.approx(2 / 9)
+    # A plain set count at every k, on random ids.
+    rng = np.random.default_rng(1)
+    exact = np.stack([rng.permutation(50)[:10] for _ in range(30)])
+    approx = np.where(rng.random((30, 10)) < 0.1, -1, rng.integers(0, 50, (30, 10)))
+    for k in (1, 5, 10, 20):
+        kk = min(k, 10)
+        count = sum(len(set(a[:kk]) & set(e[:kk])) for a, e in zip(approx.tolist(), exact.tolist(), strict=True))
+        assert recall_at_k(approx, exact, k) == pytest.approx(count / (kk * 30))
+    assert np.isnan(recall_at_k(np.zeros((0, 5), int), np.zeros((0, 5), int), 5))

@@ -30,18 +30,10 @@ from pathlib import Path
 import faiss
 import numpy as np
 
-from clipkit.index import (
-    build_index,
-    choose_factory,
-    exact_search,
-    image_rows,
-    load_embeddings,
-    recall_at_k,
-    search,
-    set_search_params,
-    single_query_qps,
-    tune_search_params,
-)
+from clipkit.index import build_index, exact_search, load_embeddings, recall_at_k, search
+from clipkit.index.build import choose_factory, set_search_params
+from clipkit.index.embeddings import image_rows
+from clipkit.index.measure import single_query_qps, tune_search_params
 
 
 def real_like(base: np.ndarray, n: int, seed: int) -> tuple[np.ndarray, float]:

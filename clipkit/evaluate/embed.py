@@ -1,11 +1,11 @@
 """Encoding images and texts to L2-normalized float32 numpy arrays, and exporting them (single folder or parts).
 
-The only torch code of evaluation. Folder layouts are described in `clipkit.index`, which reads them.
+The only torch code of evaluation. Folder layouts are described in `clipkit.index`; `clipkit.index.embeddings`
+writes and reads them.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections import Counter
@@ -20,18 +20,16 @@ from tqdm.auto import tqdm
 
 from clipkit.data.pipeline import iter_eval_samples, worker_info
 from clipkit.data.shards import read_sizes
-from clipkit.files import write_json_atomic
-from clipkit.index import (
-    EMBED_INFO_FILE,
-    IMAGE_EMB_FILE,
-    META_FILE,
-    META_PARQUET_FILE,
-    PART_INFO_FILE,
-    PARTS_DIR,
-    TEXT_EMB_FILE,
-    TEXT_TO_IMAGE_FILE,
-    write_meta,
+from clipkit.index.embeddings import (
+    ARRAY_DTYPES,
+    META_FORMATS,
+    part_matches,
+    part_name,
+    write_manifest_if_complete,
+    write_part,
+    write_single,
 )
+from clipkit.index.store import IMAGE_EMB_FILE, PARTS_DIR
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +44,8 @@ class Embeddings:
         text_to_image: [M] int64, the image row of each caption.
         meta: one dict per image row: {"key", "captions", **the sample's json}.
         skipped: bad samples (and `bad_shard`: unreadable or truncated shards) by reason.
-        shards: per shard url read: {"rows": usable samples, "skipped": {reason: count}} (empty for other sources).
+        shards: per shard url read, in shard order: {"rows": usable samples, "skipped": {reason: count}} (empty
+            for other sources).
     """
 
     image: np.ndarray
@@ -55,6 +54,11 @@ class Embeddings:
     meta: list[dict]
     skipped: dict = field(default_factory=dict)
     shards: dict = field(default_factory=dict)
+
+    @property
+    def shard_rows(self) -> list[int]:
+        """Image rows per input shard, in shard order: with the urls, the shard of every row (for thumbnails)."""
+        return [c["rows"] for c in self.shards.values()]
 
 
 def _batched(items: Iterable, size: int) -> Iterable[list]:
@@ -271,30 +275,19 @@ def embed_dim(model: torch.nn.Module, tokenizer: Callable, device: str | torch.d
     return int(model.encode_text(tokenizer(["a"]).to(device)).shape[-1])
 
 
-def save_embeddings(out_dir, emb: Embeddings, info: dict, dtype: str = "float32") -> None:
-    """Writes an embedding folder: image_emb.npy, text_emb.npy, text_to_image.npy, meta.jsonl, embed.json.
+def save_embeddings(out_dir: Path, emb: Embeddings, info: dict, dtype: str = "float32") -> None:
+    """Writes `emb` as a single-layout embedding folder (`clipkit.index.embeddings.write_single`).
 
     Args:
         out_dir: the folder (created).
         emb: the embeddings.
-        info: facts stored in embed.json (model, shards).
+        info: facts stored in embed.json (model, shards: the urls `emb` was embedded from, in order).
         dtype: "float32" or "float16" for the stored vectors.
     """
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    np.save(out / "image_emb.npy", emb.image.astype(dtype))
-    np.save(out / "text_emb.npy", emb.text.astype(dtype))
-    np.save(out / "text_to_image.npy", emb.text_to_image)
-    with open(out / "meta.jsonl", "w", encoding="utf-8") as f:
-        for row in emb.meta:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    facts = {"dim": int(emb.image.shape[1]), "n_images": len(emb.meta), "n_texts": len(emb.text), "dtype": dtype}
-    (out / "embed.json").write_text(json.dumps({**info, **facts, "skipped": emb.skipped}, indent=2))
-
-
-def part_name(i: int) -> str:
-    """The folder name of part i (one part per input shard)."""
-    return f"part-{i:05d}"
+    facts = {**info, "skipped": emb.skipped}
+    if emb.shard_rows and len(emb.shard_rows) == len(info.get("shards", [])):
+        facts["shard_rows"] = emb.shard_rows  # with "shards": the shard of every row, for thumbnails
+    write_single(Path(out_dir), emb.image, emb.text, emb.text_to_image, emb.meta, facts, dtype)
 
 
 def embed_parts(
@@ -348,9 +341,9 @@ def embed_parts(
         ValueError: on a bad dtype/meta_format/rank, or a part made by another run (other shard, model or dtype);
             or if out_dir holds a single-layout export.
     """
-    if dtype not in ("float32", "float16"):
+    if dtype not in ARRAY_DTYPES:
         raise ValueError(f"dtype must be float32 or float16, got {dtype!r}")
-    if meta_format not in ("jsonl", "parquet"):
+    if meta_format not in META_FORMATS:
         raise ValueError(f"meta_format must be jsonl or parquet, got {meta_format!r}")
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
@@ -362,7 +355,7 @@ def embed_parts(
     mine = list(range(rank, len(urls), world_size))
     todo, found = [], []
     for i in mine:
-        if _part_matches(out_dir / PARTS_DIR / part_name(i), urls[i], recipe):
+        if part_matches(out_dir / PARTS_DIR / part_name(i), urls[i], recipe):
             found.append(part_name(i))
         else:
             todo.append(i)
@@ -373,7 +366,9 @@ def embed_parts(
             part_dir = out_dir / PARTS_DIR / part_name(i)
             t_part = time.perf_counter()
             emb = embed_samples(model, transform, tokenizer, [urls[i]], batch_size, device, texts, bar, workers=workers)
-            _write_part(part_dir, emb, {**recipe, "shard": urls[i], "index": i}, dtype, meta_format)
+            text = (emb.text, emb.text_to_image) if texts else (None, None)
+            facts = {**recipe, "shard": urls[i], "index": i, "skipped": emb.skipped}
+            write_part(part_dir, emb.image, *text, emb.meta, facts, dtype, meta_format)
             n_done += len(emb.meta)
             log.info(
                 "%s: %d samples from %s, %.1f samples/s",
@@ -383,75 +378,13 @@ def embed_parts(
                 len(emb.meta) / max(time.perf_counter() - t_part, 1e-9),
             )
     speed = n_done / max(time.perf_counter() - t0, 1e-9)
-    complete = _write_manifest_if_complete(out_dir, urls, recipe, info)
+    complete = write_manifest_if_complete(out_dir, urls, {**info, **recipe})
     return {
         "embedded": [part_name(i) for i in todo],
         "skipped": found,
         "complete": complete,
         "samples_per_second": speed,
     }
-
-
-def _part_matches(part_dir: Path, url: str, recipe: dict) -> bool:
-    """Whether part_dir is finished (part.json exists) by a run with this shard and settings; else False.
-
-    Raises:
-        ValueError: if it is finished but by another run (mixing would corrupt the export).
-    """
-    marker = part_dir / PART_INFO_FILE
-    if not marker.is_file():
-        return False
-    try:
-        done = json.loads(marker.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        return False  # a damaged marker: redo the part
-    mine = {"shard": str(url), **recipe}
-    diff = {k: (done.get(k), v) for k, v in mine.items() if done.get(k) != v}
-    if diff:
-        raise ValueError(f"{marker}: made by another run ({diff}: found vs now); use a new --out or delete it")
-    return True
-
-
-def _write_part(part_dir: Path, emb: Embeddings, facts: dict, dtype: str, meta_format: str) -> None:
-    part_dir.mkdir(parents=True, exist_ok=True)
-    (part_dir / PART_INFO_FILE).unlink(missing_ok=True)  # redoing a part: it is not done until the end
-    np.save(part_dir / IMAGE_EMB_FILE, emb.image.astype(dtype))
-    if facts["texts"]:
-        np.save(part_dir / TEXT_EMB_FILE, emb.text.astype(dtype))
-        np.save(part_dir / TEXT_TO_IMAGE_FILE, emb.text_to_image)
-    meta_name = META_PARQUET_FILE if meta_format == "parquet" else META_FILE
-    for stale in (META_FILE, META_PARQUET_FILE):
-        if stale != meta_name:
-            (part_dir / stale).unlink(missing_ok=True)
-    write_meta(part_dir / meta_name, emb.meta)
-    counts = {"n_images": len(emb.meta), "n_texts": len(emb.text), "dim": int(emb.image.shape[1])}
-    write_json_atomic(part_dir / PART_INFO_FILE, {**facts, **counts, "skipped": emb.skipped})
-
-
-def _write_manifest_if_complete(out_dir: Path, urls: Sequence[str], recipe: dict, info: dict) -> bool:
-    parts = []
-    for i in range(len(urls)):
-        marker = out_dir / PARTS_DIR / part_name(i) / PART_INFO_FILE
-        if not marker.is_file():
-            return False  # another process is still on it: the last one to finish writes the manifest
-        parts.append(json.loads(marker.read_text(encoding="utf-8")))
-    skipped: Counter = Counter()
-    for p in parts:
-        skipped.update(p.get("skipped", {}))
-    dims = {p["dim"] for p in parts if p["n_images"]}
-    manifest = {
-        **info,
-        **recipe,
-        "layout": "parts",
-        "parts": [part_name(i) for i in range(len(urls))],
-        "shards": [str(u) for u in urls],
-        "dim": dims.pop() if len(dims) == 1 else None,
-        "n_images": sum(p["n_images"] for p in parts),
-        "n_texts": sum(p["n_texts"] for p in parts),
-        "skipped": dict(skipped),
-    }
-    write_json_atomic(out_dir / EMBED_INFO_FILE, manifest)
-    return True
 
 
 def _known_samples(urls: Sequence[str]) -> int | None:

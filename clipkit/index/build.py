@@ -9,8 +9,8 @@ import faiss
 import numpy as np
 from tqdm import tqdm
 
-from clipkit.index.errors import _faiss_message
-from clipkit.index.rows import TAKE_WINDOW_ROWS, MappedRows, _reader
+from clipkit.index.errors import faiss_message
+from clipkit.index.rows import TAKE_WINDOW_ROWS, MappedRows, row_reader
 
 # Exact search up to this many vectors: below it a flat scan answers a query in about a millisecond on 2 cores
 # (128-d) and is exact. Measured with tools/bench_index.py on real CLIP embeddings (docs/evaluation.md).
@@ -168,7 +168,7 @@ def build_index(
         ValueError: on a bad shape, metric or factory string, non-finite vectors, or a budget too small for
             the index estimate plus the minimum training sample.
     """
-    x = _reader(vectors, "vectors")
+    x = row_reader(vectors, "vectors")
     n, d = x.shape
     factory = factory or choose_factory(n, d, memory_budget_bytes)
     if memory_budget_bytes is not None and estimate_index_bytes(factory, n, d) > memory_budget_bytes:
@@ -177,14 +177,14 @@ def build_index(
             f"than the memory budget of {memory_budget_bytes}: raise the budget or let choose_factory pick"
         )
     try:
-        index = faiss.index_factory(d, factory, _metric_type(metric))
+        index = faiss.index_factory(d, factory, metric_type(metric))
     except RuntimeError as e:
-        raise ValueError(f"faiss cannot build factory {factory!r} for dim {d}: {_faiss_message(e)}") from e
+        raise ValueError(f"faiss cannot build factory {factory!r} for dim {d}: {faiss_message(e)}") from e
     if chunk_rows is None:
         chunk_rows = ADD_CHUNK_ROWS
         if memory_budget_bytes is not None:
             chunk_rows = min(ADD_CHUNK_ROWS, max(MIN_CHUNK_ROWS, memory_budget_bytes // 8 // (4 * d)))
-    hnsw = _hnsw_of(index)
+    hnsw = hnsw_of(index)
     if hnsw is not None:
         hnsw.efConstruction = max(hnsw.efConstruction, HNSW_EF_CONSTRUCTION)
     _disable_polysemous_training(index)
@@ -219,7 +219,7 @@ def set_search_params(index: faiss.Index, nprobe: int | None = None, ef_search: 
             raise ValueError(f"nprobe applies to IVF indexes only, not {type(index).__name__}")
         ivf.nprobe = max(1, min(int(nprobe), ivf.nlist))
     if ef_search is not None:
-        hnsw = _hnsw_of(index)
+        hnsw = hnsw_of(index)
         if hnsw is None:
             raise ValueError(f"ef_search applies to HNSW indexes only, not {type(index).__name__}")
         hnsw.efSearch = max(1, int(ef_search))
@@ -230,7 +230,7 @@ def get_search_params(index: faiss.Index) -> dict[str, int]:
     ivf = faiss.try_extract_index_ivf(index)
     if ivf is not None:
         return {"nprobe": int(ivf.nprobe)}
-    hnsw = _hnsw_of(index)
+    hnsw = hnsw_of(index)
     return {"ef_search": int(hnsw.efSearch)} if hnsw is not None else {}
 
 
@@ -276,11 +276,11 @@ def _disable_polysemous_training(index: faiss.Index) -> None:
 def _set_default_search_params(index: faiss.Index) -> None:
     if faiss.try_extract_index_ivf(index) is not None:
         set_search_params(index, nprobe=DEFAULT_NPROBE)
-    if _hnsw_of(index) is not None:
+    if hnsw_of(index) is not None:
         set_search_params(index, ef_search=DEFAULT_EF_SEARCH)
 
 
-def _hnsw_of(index: faiss.Index) -> Any:
+def hnsw_of(index: faiss.Index) -> Any:
     """The HNSW graph of an HNSW index (possibly behind a pre-transform), else None."""
     index = faiss.downcast_index(index)
     if isinstance(index, faiss.IndexPreTransform):
@@ -288,14 +288,16 @@ def _hnsw_of(index: faiss.Index) -> Any:
     return index.hnsw if hasattr(index, "hnsw") else None
 
 
-def _metric_type(metric: str) -> int:
+def metric_type(metric: str) -> int:
+    """The faiss metric constant of "ip" or "l2"."""
     if metric not in _METRICS:
         raise ValueError(f"metric must be one of {sorted(_METRICS)}, got {metric!r}")
     return _METRICS[metric]
 
 
-def _metric_name(metric_type: int) -> str:
+def metric_name(code: int) -> str:
+    """ "ip" or "l2" for a faiss metric constant."""
     for name, value in _METRICS.items():
-        if value == metric_type:
+        if value == code:
             return name
-    return f"faiss_metric_{metric_type}"
+    return f"faiss_metric_{code}"

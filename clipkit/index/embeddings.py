@@ -1,15 +1,17 @@
-"""Embedding folders written by `clipkit embed` (single and parts layouts) and their metadata files."""
+"""Embedding folders (single and parts layouts): writing them (for `clipkit embed`), reading them, their metadata
+files, and the shard each row came from."""
 
 from __future__ import annotations
 
 import json
+from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from clipkit.files import atomic_path
+from clipkit.files import atomic_path, write_json_atomic
 from clipkit.index.errors import IndexFileError
 from clipkit.index.rows import MappedRows
 from clipkit.index.store import (
@@ -21,9 +23,138 @@ from clipkit.index.store import (
     PARTS_DIR,
     TEXT_EMB_FILE,
     TEXT_TO_IMAGE_FILE,
-    _load_npy,
-    _read_json,
+    load_npy,
+    read_json,
 )
+
+ARRAY_DTYPES = ("float32", "float16")
+META_FORMATS = ("jsonl", "parquet")
+
+
+def save_npy(path: Path, array: np.ndarray) -> None:
+    """np.save through a temporary file and rename (np.save on a path would append .npy to the temporary name)."""
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        np.save(f, array)
+
+
+def write_single(
+    out_dir: Path,
+    image: np.ndarray,
+    text: np.ndarray,
+    text_to_image: np.ndarray,
+    meta: Sequence[dict[str, Any]],
+    info: dict[str, Any],
+    dtype: str = "float32",
+) -> None:
+    """Writes a single-layout embedding folder: the three arrays, meta.jsonl, then embed.json (last: the marker).
+
+    Args:
+        out_dir: the folder (created).
+        image: [N, D] L2-normalized image embeddings.
+        text: [M, D] caption embeddings ([0, 0] for an image-only export).
+        text_to_image: [M] int64 image row of each caption.
+        meta: N row dicts ({"key", "captions", ...}).
+        info: facts stored in embed.json (model, shards, shard_rows, skipped).
+        dtype: "float32" or "float16" for the stored vectors.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    save_npy(out / IMAGE_EMB_FILE, image.astype(dtype))
+    save_npy(out / TEXT_EMB_FILE, text.astype(dtype))
+    save_npy(out / TEXT_TO_IMAGE_FILE, np.asarray(text_to_image, np.int64))
+    write_meta(out / META_FILE, meta)
+    facts = {"dim": int(image.shape[1]), "n_images": len(meta), "n_texts": len(text), "dtype": dtype}
+    write_json_atomic(out / EMBED_INFO_FILE, {**info, **facts})
+
+
+def part_name(i: int) -> str:
+    """The folder name of part i (one part per input shard)."""
+    return f"part-{i:05d}"
+
+
+def part_matches(part_dir: Path, url: str, recipe: dict[str, Any]) -> bool:
+    """Whether part_dir is finished (part.json exists) by a run with this shard and settings; else False.
+
+    Raises:
+        ValueError: if it is finished but by another run (mixing would corrupt the export).
+    """
+    marker = Path(part_dir) / PART_INFO_FILE
+    if not marker.is_file():
+        return False
+    try:
+        done = json.loads(marker.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return False  # a damaged marker: redo the part
+    mine = {"shard": str(url), **recipe}
+    diff = {k: (done.get(k), v) for k, v in mine.items() if done.get(k) != v}
+    if diff:
+        raise ValueError(f"{marker}: made by another run ({diff}: found vs now); use a new --out or delete it")
+    return True
+
+
+def write_part(
+    part_dir: Path,
+    image: np.ndarray,
+    text: np.ndarray | None,
+    text_to_image: np.ndarray | None,
+    meta: Sequence[dict[str, Any]],
+    facts: dict[str, Any],
+    dtype: str = "float32",
+    meta_format: str = "jsonl",
+) -> None:
+    """Writes one part of a parts-layout folder; part.json (its done-marker: facts + counts) goes last.
+
+    Args:
+        part_dir: `<folder>/parts/<part_name(i)>`.
+        image: [N, D] image embeddings; text / text_to_image: [M, D] / [M], or None for an image-only export.
+        meta: N row dicts.
+        facts: stored in part.json ("shard", "index", the run's settings, "skipped").
+        dtype: stored vector dtype; meta_format: "jsonl" or "parquet".
+    """
+    part_dir = Path(part_dir)
+    part_dir.mkdir(parents=True, exist_ok=True)
+    (part_dir / PART_INFO_FILE).unlink(missing_ok=True)  # redoing a part: it is not done until the end
+    save_npy(part_dir / IMAGE_EMB_FILE, image.astype(dtype))
+    if text is not None:
+        save_npy(part_dir / TEXT_EMB_FILE, text.astype(dtype))
+        save_npy(part_dir / TEXT_TO_IMAGE_FILE, np.asarray(text_to_image, np.int64))
+    meta_name = META_PARQUET_FILE if meta_format == "parquet" else META_FILE
+    for stale in (META_FILE, META_PARQUET_FILE):
+        if stale != meta_name:
+            (part_dir / stale).unlink(missing_ok=True)
+    write_meta(part_dir / meta_name, meta)
+    counts = {"n_images": len(meta), "n_texts": 0 if text is None else len(text), "dim": int(image.shape[1])}
+    write_json_atomic(part_dir / PART_INFO_FILE, {**facts, **counts})
+
+
+def write_manifest_if_complete(out_dir: Path, urls: Sequence[str], facts: dict[str, Any]) -> bool:
+    """Writes `out_dir/embed.json` for a parts-layout folder once every part of urls is done; returns whether it did.
+
+    The manifest: facts + {"layout": "parts", "parts", "shards", "dim", "n_images", "n_texts", "skipped"}.
+    """
+    out_dir = Path(out_dir)
+    parts = []
+    for i in range(len(urls)):
+        marker = out_dir / PARTS_DIR / part_name(i) / PART_INFO_FILE
+        if not marker.is_file():
+            return False  # another process is still on it: the last one to finish writes the manifest
+        parts.append(json.loads(marker.read_text(encoding="utf-8")))
+    skipped: Counter = Counter()
+    for p in parts:
+        skipped.update(p.get("skipped", {}))
+    dims = {p["dim"] for p in parts if p["n_images"]}
+    manifest = {
+        **facts,
+        "layout": "parts",
+        "parts": [part_name(i) for i in range(len(urls))],
+        "shards": [str(u) for u in urls],
+        "dim": dims.pop() if len(dims) == 1 else None,
+        "n_images": sum(p["n_images"] for p in parts),
+        "n_texts": sum(p["n_texts"] for p in parts),
+        "skipped": dict(skipped),
+    }
+    write_json_atomic(out_dir / EMBED_INFO_FILE, manifest)
+    return True
 
 
 def is_parts_layout(emb_dir: Path) -> bool:
@@ -61,7 +192,7 @@ def load_embeddings(emb_dir: Path, with_meta: bool = True) -> dict[str, Any]:
     if is_parts_layout(emb_dir):
         return _load_parts(emb_dir, with_meta)
     out = _load_single(emb_dir, with_meta)
-    out["info"] = _read_json(emb_dir / EMBED_INFO_FILE)
+    out["info"] = read_json(emb_dir / EMBED_INFO_FILE)
     d = out["image_emb"].shape[1]
     if "dim" in out["info"] and out["info"]["dim"] != d:
         raise ValueError(f"{emb_dir / EMBED_INFO_FILE}: dim {out['info']['dim']} but {IMAGE_EMB_FILE} has dim {d}")
@@ -70,14 +201,14 @@ def load_embeddings(emb_dir: Path, with_meta: bool = True) -> dict[str, Any]:
 
 def _load_single(emb_dir: Path, with_meta: bool, needs_info: bool = True) -> dict[str, Any]:
     """The single layout's arrays and metadata (also one part of the parts layout)."""
-    meta_path = _meta_path(emb_dir)
+    meta_path = find_meta_file(emb_dir)
     required = [IMAGE_EMB_FILE] + ([EMBED_INFO_FILE] if needs_info else [])
     for name in required:
         if not (emb_dir / name).is_file():
             raise FileNotFoundError(f"{emb_dir / name}: missing (not an embedding folder from `clipkit embed`?)")
     if meta_path is None:
         raise FileNotFoundError(f"{emb_dir / META_FILE}: missing (not an embedding folder from `clipkit embed`?)")
-    image_emb = _load_npy(emb_dir / IMAGE_EMB_FILE, ndim=2)  # [N, D]
+    image_emb = load_npy(emb_dir / IMAGE_EMB_FILE, ndim=2)  # [N, D]
     n, d = image_emb.shape
     meta = read_meta(meta_path) if with_meta else None
     n_meta = len(meta) if meta is not None else count_meta_rows(meta_path)
@@ -89,8 +220,8 @@ def _load_single(emb_dir: Path, with_meta: bool, needs_info: bool = True) -> dic
         if not all(have):
             missing = TEXT_TO_IMAGE_FILE if have[0] else TEXT_EMB_FILE
             raise FileNotFoundError(f"{emb_dir / missing}: missing (text_emb.npy and text_to_image.npy go together)")
-        text_emb = _load_npy(emb_dir / TEXT_EMB_FILE, ndim=2)  # [M, D]
-        text_to_image = _load_npy(emb_dir / TEXT_TO_IMAGE_FILE, ndim=1)  # [M]
+        text_emb = load_npy(emb_dir / TEXT_EMB_FILE, ndim=2)  # [M, D]
+        text_to_image = load_npy(emb_dir / TEXT_TO_IMAGE_FILE, ndim=1)  # [M]
         # An image-only export may store an empty [0, 0] text_emb: no dim to check then.
         if len(text_emb) and text_emb.shape[1] != d:
             raise ValueError(f"{emb_dir / TEXT_EMB_FILE}: dim {text_emb.shape[1]} but {IMAGE_EMB_FILE} has dim {d}")
@@ -115,7 +246,7 @@ def _load_parts(emb_dir: Path, with_meta: bool) -> dict[str, Any]:
     info_path = emb_dir / EMBED_INFO_FILE
     if not info_path.is_file():
         raise FileNotFoundError(f"{info_path}: missing: the export is incomplete (rerun `clipkit embed`, it resumes)")
-    info = _read_json(info_path)
+    info = read_json(info_path)
     names = info.get("parts")
     if not isinstance(names, list) or not names:
         raise IndexFileError(f"{info_path}: 'parts' must list the part folders")
@@ -163,7 +294,44 @@ def image_rows(emb: dict[str, Any]) -> MappedRows:
     return x if isinstance(x, MappedRows) else MappedRows([emb["dir"] / IMAGE_EMB_FILE])
 
 
-def _meta_path(folder: Path) -> Path | None:
+def text_rows(emb: dict[str, Any]) -> MappedRows | None:
+    """The windowed reader of an opened embedding folder's caption vectors (None for an image-only export)."""
+    x = emb["text_emb"]
+    if x is None or len(x) == 0:
+        return None
+    return x if isinstance(x, MappedRows) else MappedRows([emb["dir"] / TEXT_EMB_FILE])
+
+
+def shard_sources(emb: dict[str, Any]) -> list[dict[str, Any]] | None:
+    """The shard of every image row, as consecutive runs: [{"shard": absolute path, "rows": n}, ...] in row order.
+
+    Row r's image is the member `<key>.<image ext>` of the run's shard that holds r (the key is in its metadata
+    row). Parts layout: one run per part (part.json's "shard"); single layout: embed.json's "shards" with
+    "shard_rows". None when the folder does not record them (an image folder's export, an older export) or a shard
+    is not a local file (a URL or pipe: spec).
+    """
+    if emb["layout"] == "parts":
+        pairs = []
+        for name in emb["info"]["parts"]:
+            part = read_json(emb["dir"] / PARTS_DIR / name / PART_INFO_FILE)
+            pairs.append((part.get("shard"), part.get("n_images", 0)))
+    else:
+        shards, rows = emb["info"].get("shards"), emb["info"].get("shard_rows")
+        if not isinstance(shards, list) or not isinstance(rows, list) or len(shards) != len(rows):
+            return None
+        pairs = list(zip(shards, rows, strict=True))
+    out = []
+    for shard, n in pairs:
+        if not isinstance(shard, str) or not isinstance(n, int) or ":" in shard.split("/")[0]:
+            return None  # not recorded, or a URL / pipe: spec
+        out.append({"shard": str(Path(shard).resolve()), "rows": n})
+    if sum(p["rows"] for p in out) != len(emb["image_emb"]):
+        return None
+    return out
+
+
+def find_meta_file(folder: Path) -> Path | None:
+    """meta.jsonl or meta.parquet of a folder, whichever exists (None if neither)."""
     for name in (META_FILE, META_PARQUET_FILE):
         if (Path(folder) / name).is_file():
             return Path(folder) / name

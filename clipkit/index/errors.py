@@ -7,6 +7,6 @@ class IndexFileError(ValueError):
     """An index or embedding folder's files are corrupt, truncated or disagree with each other."""
 
 
-def _faiss_message(error: Exception) -> str:
+def faiss_message(error: Exception) -> str:
     # faiss errors span lines ("Error in <C++ signature> at <file>:<line>: <what>"): keep one line.
     return " ".join(str(error).split()) or repr(error)

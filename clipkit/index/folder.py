@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import shutil
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -12,19 +14,19 @@ import faiss
 import numpy as np
 
 from clipkit.files import atomic_path, write_json_atomic
-from clipkit.index.build import _hnsw_of, build_index, choose_factory, is_compressed
-from clipkit.index.embeddings import _meta_path, image_rows, load_embeddings, read_meta
+from clipkit.index.build import build_index, choose_factory, hnsw_of, is_compressed
+from clipkit.index.embeddings import find_meta_file, image_rows, load_embeddings, read_meta, shard_sources, text_rows
 from clipkit.index.errors import IndexFileError
 from clipkit.index.measure import (
     DEFAULT_K,
     DEFAULT_TARGET_RECALL,
-    _index_bytes,
-    _timed_exact,
     evaluate_index,
+    index_bytes,
     peak_rss_bytes,
+    timed_exact,
     tune_search_params,
 )
-from clipkit.index.rows import MappedRows, _reader
+from clipkit.index.rows import MappedRows
 from clipkit.index.search import RERANK_FACTOR, search
 from clipkit.index.store import (
     DEFAULT_INDEX_SUBDIR,
@@ -38,7 +40,9 @@ from clipkit.index.store import (
     save_index,
 )
 
-EXACT_IN_RAM_BYTES = 4 << 30  # without a budget, the exact baseline of a report loads vectors up to this size
+CAPTIONS_SUBDIR = "captions"  # the caption index inside an index folder
+EXACT_IN_RAM_BYTES = 4 << 30
+_DIRECT_MAP_LOCK = threading.Lock()  # without a budget, the exact baseline of a report loads vectors up to this size
 DEFAULT_EVAL_QUERIES = 1000
 
 
@@ -54,6 +58,7 @@ def build_index_dir(
     target_recall: float = DEFAULT_TARGET_RECALL,
     evaluate: bool = True,
     seed: int = 0,
+    captions: bool = False,
 ) -> dict[str, Any]:
     """Builds an inner-product index over the image embeddings of an embedding folder, tunes, measures, saves it.
 
@@ -74,16 +79,68 @@ def build_index_dir(
         target_recall: recall@k the search parameters are tuned to reach.
         evaluate: tune and measure (False: keep faiss defaults, no report).
         seed: seed of the training and query samples.
+        captions: also build a caption index in `out_dir / "captions"` (one row per caption, its metadata row
+            {"key", "captions": [the caption], "image_row"}; measured with image rows as queries), which
+            `IndexDir.captions` opens and the search page's caption mode searches.
 
     Returns:
         The info written to index.json: "factory", "metric", "dim", "count", "faiss_version", "file_bytes",
         "search_params", "rerank" (null or {"vectors": [files], "factor"}), "source" ("image_emb"),
-        "embeddings_dir", "embed" (embed.json), "meta_file", "report" (or null).
+        "sources" (the shard of each row, see `shard_sources`, or null), "embeddings_dir", "embed" (embed.json),
+        "meta_file", "report" (or null), "captions" (the caption index's info, or null).
+
+    Raises:
+        ValueError: with `captions`, if the folder has no caption embeddings.
     """
     emb_dir = Path(emb_dir)
     out_dir = Path(out_dir) if out_dir is not None else emb_dir / DEFAULT_INDEX_SUBDIR
     emb = load_embeddings(emb_dir, with_meta=False)
     vectors = image_rows(emb)  # [N, D] read in windows: L2-normalized by `clipkit embed`, inner product = cosine
+    texts = text_rows(emb)  # [M, D] or None
+    settings = dict(
+        factory=factory, memory_budget_bytes=memory_budget_bytes, rerank=rerank, k=k, n_queries=n_queries,
+        target_recall=target_recall, evaluate=evaluate, seed=seed,
+    )  # fmt: skip
+    caption_info = None
+    if captions:
+        if texts is None:
+            raise ValueError(f"{emb_dir}: no caption embeddings (exported with --images-only?); build without captions")
+        cap_dir = out_dir / CAPTIONS_SUBDIR
+        cap_dir.mkdir(parents=True, exist_ok=True)
+        meta_file = _write_caption_meta(emb, len(texts), cap_dir)
+        caption_info = _build_one(texts, vectors, cap_dir, {"source": "text_emb", "meta_file": meta_file}, **settings)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    meta_file = _write_index_meta(emb, out_dir)
+    if (out_dir / EMBED_INFO_FILE).resolve() != (emb_dir / EMBED_INFO_FILE).resolve():
+        shutil.copyfile(emb_dir / EMBED_INFO_FILE, out_dir / EMBED_INFO_FILE)
+    meta = {
+        "source": "image_emb",
+        "sources": shard_sources(emb),
+        "embeddings_dir": str(emb_dir.resolve()),
+        "embed": emb["info"],
+        "meta_file": meta_file,
+        "captions": caption_info and {key: caption_info[key] for key in ("factory", "count", "dim")},
+    }
+    return _build_one(vectors, texts, out_dir, meta, **settings)
+
+
+def _build_one(
+    vectors: MappedRows,
+    other: MappedRows | None,
+    out_dir: Path,
+    meta: dict[str, Any],
+    *,
+    factory: str | None,
+    memory_budget_bytes: int | None,
+    rerank: bool | None,
+    k: int,
+    n_queries: int,
+    target_recall: float,
+    evaluate: bool,
+    seed: int,
+) -> dict[str, Any]:
+    """Builds, tunes, measures and saves one index of `vectors` (queries for tuning: rows of `other`, which are
+    never in this index, else leave-one-out rows of `vectors`); writes report.json, then index.json (last)."""
     n, d = vectors.shape
     factory = factory or choose_factory(n, d, memory_budget_bytes)
     rerank = is_compressed(factory) if rerank is None else rerank
@@ -95,31 +152,25 @@ def build_index_dir(
     factor = RERANK_FACTOR
     if evaluate:
         report = _tune_and_measure(
-            index, emb, vectors, rerank_vectors, k, n_queries, target_recall, seed, memory_budget_bytes
+            index, vectors, other, rerank_vectors, k, n_queries, target_recall, seed, memory_budget_bytes
         )
         report.update(
             factory=factory,
             build_seconds=build_seconds,
-            index_bytes=_index_bytes(index),
-            bytes_per_vector=_index_bytes(index) / n,
+            index_bytes=index_bytes(index),
+            bytes_per_vector=index_bytes(index) / n,
             vectors_bytes_on_disk=int(sum(p.stat().st_size for p in vectors.paths)),
             rerank=bool(rerank),
             peak_rss_bytes=peak_rss_bytes(),
         )
         factor = report["tuning"]["rerank_factor"] or RERANK_FACTOR
     out_dir.mkdir(parents=True, exist_ok=True)
-    meta_file = _write_index_meta(emb, out_dir)
-    if (out_dir / EMBED_INFO_FILE).resolve() != (emb_dir / EMBED_INFO_FILE).resolve():
-        shutil.copyfile(emb_dir / EMBED_INFO_FILE, out_dir / EMBED_INFO_FILE)
     if report is not None:
         write_json_atomic(out_dir / REPORT_FILE, report)
     # index.json is written last: its presence marks a complete index folder.
     meta = {
         "factory": factory,
-        "source": "image_emb",
-        "embeddings_dir": str(emb_dir.resolve()),
-        "embed": emb["info"],
-        "meta_file": meta_file,
+        **meta,
         "rerank": {"vectors": [str(p.resolve()) for p in vectors.paths], "factor": factor} if rerank else None,
         "memory_budget_bytes": memory_budget_bytes,
         "report": report,
@@ -129,8 +180,8 @@ def build_index_dir(
 
 def _tune_and_measure(
     index: faiss.Index,
-    emb: dict[str, Any],
     vectors: MappedRows,
+    other: MappedRows | None,
     rerank_vectors: Any,
     k: int,
     n_queries: int,
@@ -139,23 +190,22 @@ def _tune_and_measure(
     memory_budget_bytes: int | None,
 ) -> dict[str, Any]:
     rng = np.random.default_rng(seed + 1)
-    text = emb["text_emb"]
-    if text is not None and len(text) > 0:
-        rows = np.sort(rng.choice(len(text), size=min(n_queries, len(text)), replace=False))
-        queries = _reader(text, "text_emb").take(rows)  # [Q, D] captions: never in an image index
-        exclude, kind = None, "text_emb (captions; not in the index)"
+    if other is not None and len(other) > 0:
+        rows = np.sort(rng.choice(len(other), size=min(n_queries, len(other)), replace=False))
+        queries = other.take(rows)  # [Q, D] the other modality: never in this index
+        exclude, kind = None, "the other modality's rows (captions for images, images for captions; not in the index)"
     else:
         rows = np.sort(rng.choice(len(vectors), size=min(n_queries, len(vectors)), replace=False))
         queries = vectors.take(rows)
-        exclude, kind = rows, "image_emb rows, leave-one-out (each query's own row is dropped from its hits)"
+        exclude, kind = rows, "indexed rows, leave-one-out (each query's own row is dropped from its hits)"
     perm = rng.permutation(len(queries))
     half = len(queries) // 2 if len(queries) >= 2 else 0
     tune_q, test_q = queries[perm[:half]], queries[perm[half:]]
     tune_x = exclude[perm[:half]] if exclude is not None else None
     test_x = exclude[perm[half:]] if exclude is not None else None
     tuning = {"param": None, "value": None, "rerank_factor": None, "recall": None, "tried": []}
-    if half and (faiss.try_extract_index_ivf(index) is not None or _hnsw_of(index) is not None):
-        tune_exact, _ = _timed_exact(vectors, tune_q, k, "ip", tune_x)
+    if half and (faiss.try_extract_index_ivf(index) is not None or hnsw_of(index) is not None):
+        tune_exact, _ = timed_exact(vectors, tune_q, k, "ip", tune_x)
         tuning = tune_search_params(index, tune_q, tune_exact, k, target_recall, rerank_vectors, tune_x)
     factor = tuning["rerank_factor"] or RERANK_FACTOR
     # The exact baseline scans the vectors in RAM when they fit (the budget, else EXACT_IN_RAM_BYTES), as a flat
@@ -166,6 +216,22 @@ def _tune_and_measure(
     report = evaluate_index(index, baseline, test_q, k, rerank_vectors, test_x, rerank_factor=factor)
     report["exact_baseline"] = "numpy scan of the vectors in RAM" if in_ram else "numpy scan of the vectors on disk"
     return {"queries": kind, "target_recall": target_recall, "tuning": tuning, **report}
+
+
+def _write_caption_meta(emb: dict[str, Any], n_texts: int, out_dir: Path) -> str:
+    """Writes meta.jsonl of a caption index: per caption row {"key", "captions": [caption], "image_row"}, in the
+    order `clipkit embed` stored the caption vectors (each image row's captions in turn)."""
+    image_row = written = 0
+    with atomic_path(out_dir / META_FILE) as tmp, open(tmp, "w", encoding="utf-8") as out:
+        for f in emb["meta_files"]:
+            for row in read_meta(f):
+                for caption in row.get("captions", []):
+                    out.write(json.dumps({"key": row["key"], "captions": [caption], "image_row": image_row}) + "\n")
+                    written += 1
+                image_row += 1
+        if written != n_texts:
+            raise IndexFileError(f"{emb['dir']}: the metadata lists {written} captions but {n_texts} are embedded")
+    return META_FILE
 
 
 def _write_index_meta(emb: dict[str, Any], out_dir: Path) -> str:
@@ -206,6 +272,8 @@ class IndexDir:
         meta: one dict per indexed vector ({"key", "captions", ...}).
         rerank_vectors: `MappedRows` of the indexed vectors when the index re-ranks, else None.
         rerank_factor: candidates per hit when re-ranking.
+        model: the model folder recorded in embed.json (None if none).
+        captions: the caption index in `path / "captions"` when it was built (`build_index_dir(captions=True)`).
     """
 
     path: Path
@@ -215,6 +283,38 @@ class IndexDir:
     rerank_vectors: MappedRows | None = None
     rerank_factor: int = RERANK_FACTOR
     model: str | None = field(default=None)
+    captions: IndexDir | None = None
+
+    @property
+    def count(self) -> int:
+        return int(self.index.ntotal)
+
+    def vectors(self, ids: Any) -> np.ndarray:
+        """[len(ids), D] float32 stored vectors of rows: the re-ranking vectors when kept, else faiss' reconstruction
+        (exact for Flat/HNSW, the decoded codes for PQ/SQ; an IVF index gets its direct map on first use)."""
+        ids = np.asarray(ids, np.int64).reshape(-1)
+        if self.rerank_vectors is not None:
+            return self.rerank_vectors.take(ids)
+        ivf = faiss.try_extract_index_ivf(self.index)
+        if ivf is not None and ivf.direct_map.type == faiss.DirectMap.NoMap:
+            with _DIRECT_MAP_LOCK:
+                if ivf.direct_map.type == faiss.DirectMap.NoMap:
+                    ivf.make_direct_map()  # 8 bytes per vector
+        return self.index.reconstruct_batch(ids).astype(np.float32, copy=False)
+
+    def source_of(self, row: int) -> tuple[str, str] | None:
+        """(shard path, sample key) of image row `row`, or None when the index records no shards (`shard_sources`).
+
+        Raises:
+            IndexError: if row is not in [0, count).
+        """
+        if not 0 <= row < self.count:
+            raise IndexError(f"row {row} is not in [0, {self.count})")
+        sources = self.info.get("sources")
+        if not sources:
+            return None
+        ends = np.cumsum([s["rows"] for s in sources])  # [S] one past the last row of each shard
+        return sources[int(np.searchsorted(ends, row, side="right"))]["shard"], self.meta[row]["key"]
 
     @property
     def dim(self) -> int:
@@ -262,7 +362,7 @@ def open_index_dir(index_dir: Path) -> IndexDir:
     """
     index_dir = Path(index_dir)
     index, info = load_index(index_dir)
-    meta_path = _meta_path(index_dir)
+    meta_path = find_meta_file(index_dir)
     if meta_path is None:
         raise FileNotFoundError(f"{index_dir / META_FILE}: missing (build the index folder with build_index_dir)")
     meta = read_meta(meta_path)
@@ -282,7 +382,10 @@ def open_index_dir(index_dir: Path) -> IndexDir:
             )
         factor = int(info["rerank"].get("factor", RERANK_FACTOR))
     model = (info.get("embed") or {}).get("model")
-    return IndexDir(index_dir, index, info, meta, rerank_vectors, factor, model)
+    captions = None
+    if (index_dir / CAPTIONS_SUBDIR / INDEX_INFO_FILE).is_file():
+        captions = open_index_dir(index_dir / CAPTIONS_SUBDIR)
+    return IndexDir(index_dir, index, info, meta, rerank_vectors, factor, model, captions)
 
 
 def query_index_dir(index_dir: Path, query_vectors: np.ndarray, k: int) -> list[list[dict[str, Any]]]:

@@ -10,7 +10,7 @@ from typing import Any
 import faiss
 import numpy as np
 
-from clipkit.index.build import EF_SEARCH_GRID, _hnsw_of, _metric_name, set_search_params
+from clipkit.index.build import EF_SEARCH_GRID, hnsw_of, metric_name, set_search_params
 from clipkit.index.search import RERANK_FACTOR, RERANK_FACTORS, exact_search, recall_at_k, search
 
 DEFAULT_K = 10
@@ -49,7 +49,7 @@ def tune_search_params(
         {"param": "nprobe" | "ef_search" | None, "value", "rerank_factor" (None without re-ranking), "recall",
         "tried": [[value, rerank_factor, recall, seconds], ...]}.
     """
-    ivf, hnsw = faiss.try_extract_index_ivf(index), _hnsw_of(index)
+    ivf, hnsw = faiss.try_extract_index_ivf(index), hnsw_of(index)
     if ivf is not None:
         name, grid = "nprobe", [v for v in (2**i for i in range(17)) if v < ivf.nlist] + [ivf.nlist]
     elif hnsw is not None:
@@ -103,9 +103,9 @@ def evaluate_index(
         "speedup_batch", "speedup_single", "threads", "loadavg"}.
     """
     q = np.ascontiguousarray(queries, dtype=np.float32)
-    metric = _metric_name(index.metric_type)
+    metric = metric_name(index.metric_type)
     if exact is None:
-        exact = _timed_exact(vectors, q, k, metric, exclude)
+        exact = timed_exact(vectors, q, k, metric, exclude)
     exact_ids, exact_seconds = exact
     t0 = time.perf_counter()
     ids = _search_ids(index, q, k, rerank_vectors, exclude, rerank_factor)
@@ -128,7 +128,7 @@ def evaluate_index(
     }
 
 
-def _timed_exact(
+def timed_exact(
     vectors: Any, queries: np.ndarray, k: int, metric: str, exclude: np.ndarray | None
 ) -> tuple[np.ndarray, float]:
     t0 = time.perf_counter()
@@ -177,6 +177,6 @@ def peak_rss_bytes() -> int:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def _index_bytes(index: faiss.Index) -> int:
+def index_bytes(index: faiss.Index) -> int:
     """Bytes of the serialized index: what it occupies in RAM, to within small headers."""
     return int(faiss.serialize_index(index).size)

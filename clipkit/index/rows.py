@@ -162,7 +162,7 @@ def _npy_header(path: Path) -> tuple[tuple[int, ...], np.dtype, int]:
     return tuple(int(s) for s in shape), dtype, offset
 
 
-def _reader(vectors: Any, name: str) -> Any:
+def row_reader(vectors: Any, name: str) -> Any:
     """A row reader with shape/dtype/read/take: MappedRows for files and memory maps, else an in-RAM array."""
     if isinstance(vectors, MappedRows):
         x = vectors

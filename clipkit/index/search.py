@@ -6,9 +6,10 @@ from typing import Any
 
 import faiss
 import numpy as np
+from faiss.contrib.evaluation import knn_intersection_measure
 
-from clipkit.index.build import _metric_name, _metric_type
-from clipkit.index.rows import _reader
+from clipkit.index.build import metric_name, metric_type
+from clipkit.index.rows import row_reader
 
 EXACT_CHUNK_ROWS = 8192  # rows per exact-search step: [Q, 8192] float32 scores at a time
 RERANK_BLOCK_ELEMENTS = 1 << 21  # gathered candidate floats per re-ranking block (8 MiB)
@@ -62,7 +63,7 @@ def search(
         scores, ids = index.search(q, k)
         return scores.astype(np.float32, copy=False), ids.astype(np.int64, copy=False)
     _, candidates = index.search(q, min(max(k * int(rerank_factor), k), index.ntotal))  # [Q, k * factor]
-    return rerank(q, candidates.astype(np.int64, copy=False), rerank_vectors, k, _metric_name(index.metric_type))
+    return rerank(q, candidates.astype(np.int64, copy=False), rerank_vectors, k, metric_name(index.metric_type))
 
 
 def rerank(
@@ -80,7 +81,7 @@ def rerank(
     Returns:
         (scores [Q, k] float32, ids [Q, k] int64), best first; missing hits have id -1.
     """
-    rows = _reader(vectors, "rerank vectors")
+    rows = row_reader(vectors, "rerank vectors")
     valid = candidates >= 0  # [Q, C]
     worst = -np.inf if metric == "ip" else np.inf
     scores = np.full(candidates.shape, worst, np.float32)  # [Q, C]
@@ -110,7 +111,8 @@ def exact_search(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Exact k nearest rows by a chunked scan (the ground truth for recall; the set may exceed RAM).
 
-    Ties rank the lower row first.
+    Ties rank the lower row first. Ours rather than `faiss.knn`, which gives the same ids (tests pin it) but needs
+    the whole [N, D] array in RAM: this scan reads `MappedRows` window by window from disk.
 
     Args:
         vectors: [N, D] array, memory map or `MappedRows`.
@@ -122,11 +124,11 @@ def exact_search(
     Returns:
         (scores [Q, k] float32, ids [Q, k] int64), best first.
     """
-    x = _reader(vectors, "vectors")
+    x = row_reader(vectors, "vectors")
     q = np.ascontiguousarray(np.atleast_2d(queries), dtype=np.float32)
     if q.shape[1] != x.shape[1]:
         raise ValueError(f"query dim {q.shape[1]} does not match vector dim {x.shape[1]}")
-    _metric_type(metric)
+    metric_type(metric)
     k = min(int(k), x.shape[0])
     best = np.full((len(q), 0), -np.inf, np.float32)  # [Q, <=k] higher-is-better keys
     best_ids = np.zeros((len(q), 0), np.int64)
@@ -156,8 +158,12 @@ def exact_search(
 
 
 def recall_at_k(approx_ids: np.ndarray, exact_ids: np.ndarray, k: int) -> float:
-    """Mean over queries of |approximate top k ∩ exact top k| / k (k clamped to the exact lists' width)."""
+    """Mean over queries of |approximate top k ∩ exact top k| / k (k clamped to the exact lists' width).
+
+    faiss' `knn_intersection_measure` on the first k columns (a missing hit, id -1, never matches an exact id);
+    nan for no query.
+    """
     k = min(int(k), exact_ids.shape[1])
-    a, e = approx_ids[:, :k], exact_ids[:, :k]
-    hits = sum(len(np.intersect1d(ra[ra >= 0], re)) for ra, re in zip(a, e, strict=True))
-    return hits / (k * len(e)) if len(e) else float("nan")
+    if len(exact_ids) == 0 or k == 0:
+        return float("nan")
+    return float(knn_intersection_measure(np.asarray(approx_ids)[:, :k], np.asarray(exact_ids)[:, :k]))

@@ -10,8 +10,8 @@ import faiss
 import numpy as np
 
 from clipkit.files import atomic_path, write_json_atomic
-from clipkit.index.build import _metric_name, get_search_params
-from clipkit.index.errors import IndexFileError, _faiss_message
+from clipkit.index.build import get_search_params, metric_name
+from clipkit.index.errors import IndexFileError, faiss_message
 
 INDEX_FILE = "index.faiss"
 INDEX_INFO_FILE = "index.json"
@@ -43,7 +43,7 @@ def save_index(out_dir: Path, index: faiss.Index, meta: dict[str, Any]) -> dict[
         ValueError: if meta contradicts the index.
     """
     out_dir = Path(out_dir)
-    computed = {"metric": _metric_name(index.metric_type), "dim": int(index.d), "count": int(index.ntotal)}
+    computed = {"metric": metric_name(index.metric_type), "dim": int(index.d), "count": int(index.ntotal)}
     for key, value in computed.items():
         if key in meta and meta[key] != value:
             raise ValueError(f"save_index: meta[{key!r}] = {meta[key]!r} but the index has {value!r}")
@@ -83,7 +83,7 @@ def load_index(out_dir: Path) -> tuple[faiss.Index, dict[str, Any]]:
     for path in (index_path, info_path):
         if not path.is_file():
             raise FileNotFoundError(f"{path}: missing (not an index folder written by save_index?)")
-    info = _read_json(info_path)
+    info = read_json(info_path)
     for key in ("dim", "count"):
         if key not in info:
             raise IndexFileError(f"{info_path}: missing key {key!r}")
@@ -96,15 +96,15 @@ def load_index(out_dir: Path) -> tuple[faiss.Index, dict[str, Any]]:
     try:
         index = faiss.read_index(str(index_path))
     except RuntimeError as e:
-        raise IndexFileError(f"{index_path}: faiss cannot read it (corrupt or truncated?): {_faiss_message(e)}") from e
-    found = {"dim": int(index.d), "count": int(index.ntotal), "metric": _metric_name(index.metric_type)}
+        raise IndexFileError(f"{index_path}: faiss cannot read it (corrupt or truncated?): {faiss_message(e)}") from e
+    found = {"dim": int(index.d), "count": int(index.ntotal), "metric": metric_name(index.metric_type)}
     for key, value in found.items():
         if key in info and info[key] != value:
             raise IndexFileError(f"{index_path}: {key} is {value!r} but {info_path} says {info[key]!r}")
     return index, info
 
 
-def _load_npy(path: Path, ndim: int) -> np.ndarray:
+def load_npy(path: Path, ndim: int) -> np.ndarray:
     try:
         arr = np.load(path, mmap_mode="r")
     except (ValueError, OSError, EOFError) as e:
@@ -114,7 +114,7 @@ def _load_npy(path: Path, ndim: int) -> np.ndarray:
     return arr
 
 
-def _read_json(path: Path) -> dict[str, Any]:
+def read_json(path: Path) -> dict[str, Any]:
     try:
         data = json.loads(Path(path).read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:

@@ -1,41 +1,31 @@
-"""Querying an index folder by text, image or vector: one-shot (`clipkit index query`) or over HTTP on localhost.
+"""Queries by text, image or vector against an index folder: encoding, query files, the answer of one request.
 
-The HTTP server (`clipkit index serve`) is the standard library's ThreadingHTTPServer bound to 127.0.0.1 only:
-
-- `GET /health` -> {"status": "ok", "count", "dim", "factory", "model"}
-- `GET /query?text=...&k=5` -> {"k", "results": [{"query": text, "hits": [...]}]}
-- `POST /query` with JSON {"text": str | [str], "vectors": [[float]] , "image_b64": str | [str], "k": int}
-  (one of the three query kinds) -> the same layout, one result per query, in order.
-
-Hits are `IndexDir.query`'s: {"rank", "score", "id", "key", "captions", "meta"?}. Errors answer 400 (bad request),
-404 (unknown path) or 413 (body too large) with {"error": message}. Text and image queries need a model (the
-one named in embed.json, or --checkpoint); vector queries do not.
+Used by `clipkit index query` (one shot) and by the HTTP server (`clipkit.serve.http`).
 """
 
 from __future__ import annotations
 
 import base64
-import binascii
 import json
-import logging
 import threading
-from collections.abc import Callable, Sequence
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qs, urlparse
 
 import numpy as np
 
 from clipkit.index import IndexDir
 
-log = logging.getLogger(__name__)
-
-LOOPBACK = "127.0.0.1"
-MAX_BODY_BYTES = 16 << 20
 MAX_QUERIES = 1024
 MAX_K = 1000
+MAX_TEXT_CHARS = 1000  # a caption-length query; the tokenizer truncates far earlier
+MODES = ("image", "caption")  # search the image index, or the caption index (`IndexDir.captions`)
+DEDUP_OVERFETCH = 4  # with the near-duplicate filter, hits fetched per hit shown (a few get suppressed)
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif")
+
+
+class NotAnImage(ValueError):
+    """Query bytes that do not decode as an image."""
 
 
 class QueryEncoder:
@@ -87,7 +77,9 @@ def _open_image(image: Any) -> Any:
         try:
             return decode_image({"__key__": name, "png": image})  # decode_image sniffs the real format
         except SkipSample as e:
-            raise ValueError(f"cannot decode the image: {e.detail}") from None
+            raise NotAnImage(
+                f"{name}: not a PNG, JPEG, WebP, GIF or BMP image that Pillow can decode ({e.detail})"
+            ) from None
     return image.convert("RGB")
 
 
@@ -164,95 +156,95 @@ def encode_queries(queries: Sequence[dict[str, Any]], encoder: QueryEncoder | No
     return out
 
 
-def answer(index: IndexDir, queries: Sequence[dict[str, Any]], k: int, encoder: QueryEncoder | None) -> dict:
-    """{"k", "results": [{"query", "hits"}]} for a list of queries (see the module docstring)."""
+def check_request(
+    queries: Sequence[dict[str, Any]], k: int, mode: str = "image", index: IndexDir | None = None
+) -> None:
+    """Refuses what no search should run: no query, too many, an empty or overlong text, k out of [1, MAX_K], an
+    unknown mode or caption mode on an index without captions.
+
+    Raises:
+        ValueError: naming what is wrong.
+    """
     if not queries:
         raise ValueError("no query given")
     if len(queries) > MAX_QUERIES:
         raise ValueError(f"{len(queries)} queries in one request; at most {MAX_QUERIES}")
-    if not 1 <= k <= MAX_K:
-        raise ValueError(f"k must be in [1, {MAX_K}], got {k}")
+    for q in queries:
+        text = q.get("text")
+        if text is not None and not text.strip():
+            raise ValueError("empty text query: give some words")
+        if text is not None and len(text) > MAX_TEXT_CHARS:
+            raise ValueError(f"text query of {len(text)} characters; at most {MAX_TEXT_CHARS}")
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= MAX_K:
+        raise ValueError(f"k must be an integer in [1, {MAX_K}], got {k!r}")
+    if mode not in MODES:
+        raise ValueError(f"unknown mode {mode!r}; one of {', '.join(MODES)}")
+    if mode == "caption" and index is not None and index.captions is None:
+        raise ValueError(f"{index.path} has no caption index (build it with `clipkit index build --captions`)")
+
+
+def search_vectors(index: IndexDir, vectors: np.ndarray, k: int, mode: str = "image", dedup: float | None = None):
+    """Per query vector, its hits best first (`IndexDir.query`'s dicts plus "image_row") in the image or caption index.
+
+    Args:
+        index: the image index folder (its `captions` for mode "caption").
+        vectors: [Q, D] L2-normalized queries.
+        k: hits per query.
+        mode: "image" or "caption". Caption mode shows each image once, with its best caption.
+        dedup: cosine threshold of the near-duplicate filter: a hit whose stored vector has cosine >= dedup with a
+            better hit already kept is dropped. None: off.
+    With a filter (caption mode or dedup), DEDUP_OVERFETCH x k candidates are searched so that k usually remain.
+    """
+    target = index.captions if mode == "caption" else index
+    fetch = k if dedup is None and mode == "image" else min(k * DEDUP_OVERFETCH, target.count)
+    out = []
+    for hits in target.query(vectors, fetch):
+        for h in hits:
+            h["image_row"] = int(h.pop("meta", {})["image_row"]) if mode == "caption" else h["id"]
+        if mode == "caption":
+            seen: set[int] = set()
+            hits = [h for h in hits if not (h["image_row"] in seen or seen.add(h["image_row"]))]
+        if dedup is not None and hits:
+            stored = target.vectors([h["id"] for h in hits])  # [H, D]
+            kept: list[int] = []
+            for i in range(len(hits)):
+                if not kept or float(np.max(stored[kept] @ stored[i])) < dedup:
+                    kept.append(i)
+            hits = [hits[i] for i in kept]
+        hits = hits[:k]
+        for rank, h in enumerate(hits, 1):
+            h["rank"] = rank
+        out.append(hits)
+    return out
+
+
+def answer(
+    index: IndexDir,
+    queries: Sequence[dict[str, Any]],
+    k: int,
+    encoder: QueryEncoder | None,
+    mode: str = "image",
+    dedup: float | None = None,
+) -> dict:
+    """{"k", "mode", "results": [{"query", "hits"}]} for a list of {"text"} / {"image"} / {"vector"} queries.
+
+    Raises:
+        ValueError: on a request `check_request` refuses, or a query that cannot be encoded.
+    """
+    check_request(queries, k, mode, index)
     vectors = encode_queries(queries, encoder, index.dim)
-    hits = index.query(vectors, k)
+    hits = search_vectors(index, vectors, k, mode, dedup)
     shown = [q.get("text", q.get("image", "<vector>")) for q in queries]
     shown = [s if isinstance(s, str) else "<image>" for s in shown]
-    return {"k": k, "results": [{"query": s, "hits": h} for s, h in zip(shown, hits, strict=True)]}
+    return {"k": k, "mode": mode, "results": [{"query": s, "hits": h} for s, h in zip(shown, hits, strict=True)]}
 
 
-def make_server(index: IndexDir, encoder: QueryEncoder | None = None, port: int = 0) -> ThreadingHTTPServer:
-    """An HTTP server answering queries on 127.0.0.1:port (0 = a free port: read `server.server_address`).
+def body_queries(body: dict[str, Any]) -> list[dict[str, Any]]:
+    """The queries of a JSON request body with exactly one of "text", "vectors", "image_b64".
 
-    Call `serve_forever()` (e.g. in a thread) to run it and `shutdown()` + `server_close()` to stop it.
+    Raises:
+        ValueError (binascii.Error for bad base64): naming what is wrong.
     """
-    handler = _handler_class(index, encoder)
-    server = ThreadingHTTPServer((LOOPBACK, port), handler)
-    server.daemon_threads = True
-    return server
-
-
-def _handler_class(index: IndexDir, encoder: QueryEncoder | None) -> type[BaseHTTPRequestHandler]:
-    class Handler(BaseHTTPRequestHandler):
-        server_version = "clipkit-index"
-
-        def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
-            url = urlparse(self.path)
-            if url.path == "/health":
-                info = index.info
-                body = {
-                    "status": "ok",
-                    "count": int(index.index.ntotal),
-                    "dim": index.dim,
-                    "factory": info.get("factory"),
-                    "model": encoder.checkpoint if encoder else index.model,
-                }
-                return self._send(200, body)
-            if url.path != "/query":
-                return self._send(404, {"error": f"unknown path {url.path}; use /query or /health"})
-            params = parse_qs(url.query)
-            texts = params.get("text", [])
-            try:
-                k = int(params.get("k", ["5"])[0])
-            except ValueError:
-                return self._send(400, {"error": f"k must be an integer, got {params['k'][0]!r}"})
-            self._answer([{"text": t} for t in texts], k)
-
-        def do_POST(self) -> None:  # noqa: N802
-            if urlparse(self.path).path != "/query":
-                return self._send(404, {"error": f"unknown path {self.path}; POST to /query"})
-            length = int(self.headers.get("Content-Length") or 0)
-            if length > MAX_BODY_BYTES:
-                return self._send(413, {"error": f"body of {length} bytes; at most {MAX_BODY_BYTES}"})
-            try:
-                body = json.loads(self.rfile.read(length) or b"{}")
-                if not isinstance(body, dict):
-                    raise ValueError("expected a JSON object")
-                queries = _body_queries(body)
-                k = int(body.get("k", 5))
-            except (ValueError, TypeError, binascii.Error) as e:
-                return self._send(400, {"error": f"bad request body: {e}"})
-            self._answer(queries, k)
-
-        def _answer(self, queries: list[dict[str, Any]], k: int) -> None:
-            try:
-                self._send(200, answer(index, queries, k, encoder))
-            except (ValueError, FileNotFoundError) as e:
-                self._send(400, {"error": str(e)})
-
-        def _send(self, status: int, body: dict) -> None:
-            data = json.dumps(body, ensure_ascii=False).encode("utf-8")
-            self.send_response(status)
-            self.send_header("Content-Type", "application/json; charset=utf-8")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
-
-        def log_message(self, fmt: str, *args: Any) -> None:
-            log.info("%s %s", self.address_string(), fmt % args)
-
-    return Handler
-
-
-def _body_queries(body: dict[str, Any]) -> list[dict[str, Any]]:
     kinds = [k for k in ("text", "vectors", "image_b64") if k in body]
     if len(kinds) != 1:
         raise ValueError("give exactly one of 'text', 'vectors', 'image_b64'")
@@ -263,28 +255,21 @@ def _body_queries(body: dict[str, Any]) -> list[dict[str, Any]]:
             raise ValueError("'text' must be a string or a list of strings")
         return [{"text": t} for t in texts]
     if kinds[0] == "vectors":
-        vectors = np.asarray(value, np.float32)
+        if not isinstance(value, list) or not all(isinstance(v, (list, int, float)) for v in value):
+            raise ValueError("'vectors' must be a list of lists of numbers")
+        try:
+            vectors = np.asarray(value, np.float32)  # [Q, D]
+        except (OverflowError, TypeError) as e:
+            raise ValueError(f"'vectors': not numbers that fit a float32 ({e})") from None
         if vectors.ndim == 1:
             vectors = vectors[None]
         if vectors.ndim != 2:
             raise ValueError(f"'vectors' must be [Q, D], got shape {vectors.shape}")
         return [{"vector": v} for v in vectors]
     images = [value] if isinstance(value, str) else value
+    if not isinstance(images, list) or not all(isinstance(b, str) for b in images):
+        raise ValueError("'image_b64' must be a base64 string or a list of them")
     return [{"image": base64.b64decode(b, validate=True)} for b in images]
-
-
-def serve(index: IndexDir, encoder: QueryEncoder | None, port: int, ready: Callable[[int], None] | None = None) -> None:
-    """Runs the server until interrupted (Ctrl-C), on 127.0.0.1:port."""
-    server = make_server(index, encoder, port)
-    bound = server.server_address[1]
-    if ready is not None:
-        ready(bound)
-    try:
-        server.serve_forever()
-    except KeyboardInterrupt:
-        pass
-    finally:
-        server.server_close()
 
 
 def image_bytes_b64(path: Path) -> str:
