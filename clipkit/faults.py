@@ -7,6 +7,7 @@ tests), every check is a dictionary lookup on an empty dict.
 - `sigkill_in_checkpoint@k`: SIGKILL while writing the step-k checkpoint, after its state, before it is marked
   complete (a machine lost mid-write).
 - `nan_grad@k`: the gradients of step k are set to NaN before the optimizer step.
+- `sigkill_in_import@k`: SIGKILL while `clipkit data import` writes its k-th shard, after the shard's first sample.
 """
 
 from __future__ import annotations

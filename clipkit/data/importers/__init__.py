@@ -118,6 +118,11 @@ def import_source(
 
 def summary_line(summary: dict, where: str | Path) -> str:
     """The one line `clipkit data import` prints: samples per split and skips per reason."""
+    if not summary.get("complete"):
+        return (
+            f"rank {summary['rank']}/{summary['world_size']}: wrote {summary['written']} shards; "
+            f"{len(summary['missing'])} shards still to come from other ranks"
+        )
     fmt = f"{summary['format']}{' (detected)' if summary.get('detected') else ''}"
     if summary["format"] == "wds":
         skips = summary["samples_the_loader_skips"]
@@ -125,14 +130,10 @@ def summary_line(summary: dict, where: str | Path) -> str:
             f"{where}: {summary['shards']} shards, {summary['samples']} samples counted into sizes.json "
             f"(format {fmt}); samples the loader will skip: {skips}"
         )
-    if not summary.get("complete"):
-        return (
-            f"rank {summary['rank']}/{summary['world_size']}: wrote {summary['written']} shards; "
-            f"{len(summary['missing'])} shards still to come from other ranks"
-        )
     splits = ", ".join(f"{split} {n}" for split, n in summary["splits"].items())
     skipped = ", ".join(f"{reason} {n}" for reason, n in summary["skipped"].items()) or "none"
+    shards = sum(len(v) for v in summary["shards"].values())
     return (
         f"{where}: imported {summary['samples']} samples ({splits}) from {summary['rows']} images, format {fmt}; "
-        f"skipped: {skipped}; wrote {summary['written']} shards (others already complete); details in dataset.json"
+        f"skipped: {skipped}; {summary['written']} shards written now, {shards} in the set"
     )
