@@ -14,11 +14,18 @@ from clipkit.config import RecipeError
 
 def _cmd_train(args: argparse.Namespace) -> int:
     from clipkit.config import load_recipe
+    from clipkit.stopping import EXIT_PREEMPTED, Preempted
     from clipkit.train import train
 
     recipe = load_recipe(args.recipe, args.overrides)
     out = Path(args.out) if args.out else Path("runs") / recipe.name
-    summary = train(recipe, out, resume=args.resume)
+    try:
+        summary = train(recipe, out, resume=args.resume)
+    except Preempted as e:
+        print(f"clipkit train: preempted ({e}): resumable from the last complete checkpoint", file=sys.stderr)
+        return EXIT_PREEMPTED
+    if "preempted_at" in summary:
+        return EXIT_PREEMPTED
     if summary.get("eval") is not None:
         print(json.dumps(summary, indent=2))
     return 0
@@ -315,7 +322,11 @@ def _add_train_args(t: argparse.ArgumentParser) -> argparse.ArgumentParser:
     t.add_argument("recipe", help="recipe YAML file")
     t.add_argument("overrides", nargs="*", help="dotted.key=value overrides, e.g. train.steps=100")
     t.add_argument("--out", help="run folder (default: runs/<recipe name>)")
-    t.add_argument("--resume", help="'latest' or a checkpoint folder")
+    t.add_argument(
+        "--resume",
+        help="'latest' (the newest complete checkpoint), 'auto' (latest if there is one, else a new run: for "
+        "restarts by a scheduler) or a checkpoint folder. Without it, an --out that holds a run is refused",
+    )
     t.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     t.set_defaults(fn=_cmd_train, command="train")
     return t
@@ -485,7 +496,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"clipkit {args.command}: error: {e}", file=sys.stderr)
         return 2
     except RuntimeError as e:
-        if type(e).__name__ != "TrainingStopped":  # a bug: keep the traceback
+        if type(e).__name__ != "TrainingStopped":  # a bug: keep the traceback (exit code 1)
             raise
         print(f"clipkit {args.command}: stopped: {e}", file=sys.stderr)
         return 3

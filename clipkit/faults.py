@@ -7,6 +7,7 @@ tests), every check is a dictionary lookup on an empty dict.
 - `sigkill_in_checkpoint@k`: SIGKILL while writing the step-k checkpoint, after its state, before it is marked
   complete (a machine lost mid-write).
 - `nan_grad@k`: the gradients of step k are set to NaN before the optimizer step.
+- `stall_data@k`: the data of step k never comes (a stalled file system).
 - `sigkill_in_import@k`: SIGKILL while `clipkit data import` writes its k-th shard, after the shard's first sample.
 """
 
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
 
 _FAULTS: dict[str, set[int]] = {}
 for _entry in filter(None, os.environ.get("CLIPKIT_FAULT", "").split(",")):
@@ -30,3 +32,9 @@ def maybe_signal(name: str, step: int, sig: signal.Signals) -> None:
     """Sends `sig` to this process if fault `name` is set for `step`."""
     if armed(name, step):
         os.kill(os.getpid(), sig)
+
+
+def maybe_stall(name: str, step: int) -> None:
+    """Blocks forever if fault `name` is set for `step` (a signal handler that raises still ends the wait)."""
+    if armed(name, step):
+        threading.Event().wait()

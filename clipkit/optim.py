@@ -1,24 +1,20 @@
-"""Parameter groups, AdamW and the warmup + cosine learning-rate schedule."""
+"""Parameter groups, AdamW, the warmup + cosine learning-rate schedule, and the step that skips non-finite ones."""
 
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import torch
+from timm.optim import param_groups_weight_decay
 
-
-def no_decay(name: str, param: torch.Tensor) -> bool:
-    """Gains, biases (any 1-d tensor) and the logit scale/bias get no weight decay, as in CLIP and open_clip."""
-    return param.ndim < 2 or "logit_scale" in name or "logit_bias" in name
+from clipkit.stopping import TrainingStopped
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """Two AdamW groups over the trainable parameters: with and without weight decay."""
-    decay, plain = [], []
-    for name, p in model.named_parameters():
-        if p.requires_grad:
-            (plain if no_decay(name, p) else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": plain, "weight_decay": 0.0}]
+    """AdamW groups over the trainable parameters: timm's split, no decay on gains, biases (any tensor under 2-d)
+    and the logit scale/bias (0-d, named as well in case a tower makes them 1-d), as in CLIP and open_clip."""
+    return param_groups_weight_decay(model, weight_decay, no_weight_decay_list=("logit_scale", "logit_bias"))
 
 
 FUSED_DEVICES = ("cpu", "cuda")  # where torch has a fused AdamW kernel
@@ -53,3 +49,63 @@ def make_scheduler(
     """A LambdaLR (its state travels in checkpoints) following `lr_factor`."""
     ratio = min_lr / lr
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, steps, warmup, ratio))
+
+
+class NonFiniteGuard:
+    """Skips optimizer steps whose gradient norm is not finite and counts them, with no host sync per step.
+
+    With a fused AdamW (clipkit's optimizer on CPU and CUDA) the skip happens on the device: the optimizer's
+    `found_inf` tensor (the protocol GradScaler uses) makes the kernel leave parameters, moments and step counts
+    untouched, and the counts accumulate in device tensors that the host reads only in `sync` (log steps,
+    checkpoints, the end). Any other optimizer falls back to reading the flag every step. Every process decides
+    alike with no collective: DDP and FSDP leave identical gradients, hence identical norms, on all of them.
+
+    Args:
+        optimizer: the (possibly Accelerate-wrapped) optimizer.
+        device: where the gradients live.
+        max_in_a_row: this many skipped steps in a row stop the run (checked in `sync`).
+        skipped: steps skipped before (a resumed run's count).
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, device: torch.device, max_in_a_row: int, skipped: int = 0):
+        self.inner = getattr(optimizer, "optimizer", optimizer)  # under Accelerate's AcceleratedOptimizer
+        self.on_device = bool(self.inner.defaults.get("fused")) and getattr(
+            self.inner, "_step_supports_amp_scaling", False
+        )
+        self.max_in_a_row, self.total = max_in_a_row, skipped
+        # [new skips since the last sync, current streak, longest streak since the last sync]
+        self.counts = torch.zeros(3, device=device)
+
+    def step(self, optimizer: torch.optim.Optimizer, grad_norm: torch.Tensor) -> None:
+        """Steps the optimizer unless `grad_norm` is not finite; clears the gradients either way."""
+        bad = (~torch.isfinite(grad_norm.detach().float())).float()  # [] 0. or 1., on the device
+        if self.on_device:
+            self.inner.found_inf = bad
+            optimizer.step()
+            self.inner.found_inf = None
+        elif bad.item():  # a host sync: the fallback for optimizers without found_inf
+            pass
+        else:
+            optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        new, run, worst = self.counts.unbind()
+        new.add_(bad)
+        run.add_(bad).mul_(bad)  # +1 on a skip, back to 0 on a good step
+        torch.maximum(worst, run, out=worst)
+
+    def sync(self, step: int, where: Path) -> int:
+        """Reads the counts (one host sync); returns all skipped steps so far.
+
+        Raises:
+            TrainingStopped: when `max_in_a_row` steps in a row were skipped since the last sync.
+        """
+        new, run, worst = self.counts.tolist()
+        self.total += int(new)
+        self.counts[0] = 0
+        self.counts[2] = run
+        if worst >= self.max_in_a_row:
+            raise TrainingStopped(
+                f"step {step}: {int(worst)} steps in a row had a non-finite loss or gradient; stopping. The last "
+                f"good checkpoint is kept under {where} (lower train.lr, check the data)"
+            )
+        return self.total

@@ -137,7 +137,8 @@ def test_fast_crop_only_takes_the_plain_transform():
 def test_fused_adamw_found_inf_skips_the_step_bitwise():
     """The device-side skip of a non-finite step leaves weights and optimizer state exactly as they were."""
     from clipkit.optim import make_optimizer
-    from clipkit.train import NonFiniteGuard, TrainingStopped
+    from clipkit.optim import NonFiniteGuard
+    from clipkit.stopping import TrainingStopped
 
     model = torch.nn.Linear(4, 3)
     opt = make_optimizer(model, 1e-2, 0.1, (0.9, 0.98), 1e-6)

@@ -25,6 +25,7 @@ from clipkit import faults
 from clipkit.cli import main
 from clipkit.data.pipeline import stream_seed
 from clipkit.data.shards import write_shards
+from clipkit.stopping import EXIT_PREEMPTED
 from tests.conftest import TINY_MODEL
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -75,7 +76,7 @@ def test_preempted_and_resumed_equals_uninterrupted(tmp_path, straight_run, monk
     recipe, straight = straight_run
     run = tmp_path / "run"
     monkeypatch.setitem(faults._FAULTS, "sigterm", {5})
-    assert main(["train", str(recipe), "--out", str(run)]) == 0
+    assert main(["train", str(recipe), "--out", str(run)]) == EXIT_PREEMPTED
     summary = json.loads((run / "summary.json").read_text())
     assert summary["preempted_at"] == 5 and (run / "checkpoints/step-00000005/COMPLETE").exists()
     monkeypatch.setitem(faults._FAULTS, "sigterm", set())
@@ -91,7 +92,8 @@ def test_two_processes_preempted_and_resumed_equal_uninterrupted(tmp_path, digit
     a, b = tmp_path / "straight", tmp_path / "stopped"
     assert run_cli(["train", str(recipe), "--out", str(a)], nproc=2).returncode == 0
     stopped = run_cli(["train", str(recipe), "--out", str(b)], fault="sigterm@3", nproc=2)
-    assert stopped.returncode == 0, stopped.stderr[-2000:]
+    # Each worker exits EXIT_PREEMPTED; torchrun reports any non-zero worker exit as 1.
+    assert stopped.returncode == 1 and f"exitcode  : {EXIT_PREEMPTED}" in stopped.stderr, stopped.stderr[-2000:]
     assert json.loads((b / "summary.json").read_text())["preempted_at"] == 3
     resumed = run_cli(["train", str(recipe), "--out", str(b), "--resume", "latest"], nproc=2)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
@@ -122,7 +124,7 @@ def test_external_sigterm_checkpoints_and_exits_cleanly(tmp_path, digits_dir):
         time.sleep(0.2)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 0, err[-2000:]
+    assert proc.returncode == EXIT_PREEMPTED, err[-2000:]
     stopped = json.loads((run / "summary.json").read_text())["preempted_at"]
     assert (run / f"checkpoints/step-{stopped:08d}/COMPLETE").exists() and "--resume latest" in err
 
@@ -230,10 +232,10 @@ def test_planted_faults_are_skipped_and_counted_exactly(tmp_path, planted):
 
 
 def test_too_much_bad_data_stops_naming_the_worst_shard(tmp_path, planted, monkeypatch, capsys):
-    from clipkit import train
+    from clipkit import steplog
 
     root, _ = planted
-    monkeypatch.setattr(train, "MIN_SAMPLES_FOR_SKIP_RATE", 10)
+    monkeypatch.setattr(steplog, "MIN_SAMPLES_FOR_SKIP_RATE", 10)
     recipe = write_recipe(tmp_path / "r.yaml", root, steps=4, checkpoint_every=0)
     overrides = ["seed=7", "data.batch_size=4", "data.workers=0", "data.resampled=false", "data.shuffle_buffer=0",
                  "data.max_skip_rate=0.05"]  # fmt: skip

@@ -13,9 +13,16 @@ for name in emoji fashion-mnist; do
     clipkit data build "$name" --out "$data/$name" >/dev/null
   fi
 done
-echo "== training recipes/quickstart.yaml into $run"
 start=$(date +%s)
-clipkit train recipes/quickstart.yaml "data_root=$data" --out "$run" "$@" >/dev/null
+if [ -f "$run/summary.json" ] && [ -d "$run/model" ]; then
+  echo "== $run holds a finished run: showing its results (train again into another CLIPKIT_RUN=runs/...)"
+elif [ -d "$run/checkpoints" ]; then
+  echo "== continuing the interrupted run in $run"
+  clipkit train recipes/quickstart.yaml "data_root=$data" --out "$run" --resume latest "$@" >/dev/null
+else
+  echo "== training recipes/quickstart.yaml into $run"
+  clipkit train recipes/quickstart.yaml "data_root=$data" --out "$run" "$@" >/dev/null
+fi
 echo "== trained and evaluated in $(( $(date +%s) - start )) s"
 echo "== results"
 python3 - "$run" <<'PY'
