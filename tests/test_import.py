@@ -457,7 +457,7 @@ def test_resize_modes_sizes_and_reduced_jpeg_decoding(emoji_images, tmp_path):
     # within a few levels of a full-size decode + resize.
     res = process_row(row, ImageOptions(resize=75, encode="png"))
     fast = np.asarray(Image.open(io.BytesIO(res.image)), dtype=np.float64)
-    full = np.asarray(Image.open(tmp_path / "p.jpg").convert("RGB").resize((100, 75), Image.Resampling.BICUBIC))
+    full = np.asarray(Image.open(tmp_path / "p.jpg").convert("RGB").resize((100, 75), Image.Resampling.BOX))
     assert fast.shape == full.shape and np.abs(fast - full).mean() < 4.0
     with pytest.raises(ValueError, match="--resize-mode"):
         ImageOptions(mode="stretch")
@@ -605,3 +605,23 @@ def test_karpathy_retrieval_equals_clip_benchmark(emoji_images, tmp_path):
     for key, value in theirs.items():
         assert abs(ours[key] - value) <= 1e-6, (key, ours[key], value)
     assert len(theirs) == 6
+
+
+# ------------------------------------------------------------------------------------------- the speed benchmark
+
+
+def test_bench_import_smoke_writes_ratio_json(digits_dir, tmp_path, capsys):
+    """tools/bench/bench_import.py end to end on 6 photos composed from real digits, the plain PIL reference."""
+    from tools.bench import bench_import
+
+    out = tmp_path / "bench.json"
+    args = ["--source", str(digits_dir / "test-*.tar"), "--photos", str(tmp_path / "photos"), "--n", "6"]
+    args += ["--resize", "128", "--pairs", "2", "--workers", "2", "--no-lock", "--json", str(out)]
+    assert bench_import.main(args) == 0
+    assert "import ratio clipkit / pil: median" in capsys.readouterr().out
+    report = json.loads(out.read_text())
+    assert [p["order"][0] for p in report["pairs"]] == ["clipkit", "reference"]  # alternating order
+    assert all(p["ratio"] > 0 and p["seconds"]["clipkit"] > 0 for p in report["pairs"])
+    assert report["settings"]["workers"] == 2 and report["reference"] == "pil"
+    photos = sorted((tmp_path / "photos").glob("*.jpg"))
+    assert len(photos) == 6 and all(256 <= min(Image.open(p).size) <= 512 for p in photos)

@@ -9,8 +9,8 @@ or sidecar JSON not UTF-8 / not JSON). Duplicates are found later, in order, by 
 Resizing (`ImageOptions.resize` = N) follows img2dataset's modes: ``keep`` scales the shorter side to N,
 ``center-crop`` scales the shorter side to N and crops the centered N x N square, ``border`` scales the longer side
 to N and pads to N x N with white. Images are never enlarged unless ``upscale``. A JPEG shrunk by 2x or more is
-decoded at reduced size first (libjpeg's DCT scaling, `Image.draft`, as the training loader does), then resized
-with PIL's antialiased bicubic filter.
+decoded at reduced size first (libjpeg's DCT scaling, `Image.draft`, as the training loader does); only the kept
+region is resampled, with area averaging when shrinking (PIL's box filter, as cv2's INTER_AREA in img2dataset).
 """
 
 from __future__ import annotations
@@ -125,7 +125,11 @@ def target_size(width: int, height: int, opts: ImageOptions) -> tuple[float, tup
 
 
 def transform(img: Image.Image, opts: ImageOptions) -> tuple[Image.Image, bool]:
-    """Resizes / crops / pads an opened (not yet decoded) image; returns (RGB or source-mode image, changed)."""
+    """Resizes / crops / pads an opened (not yet decoded) image; returns (the image, whether it changed).
+
+    Only the kept region is resampled (a center crop is cut from the source, not from a resized copy). Shrinking uses
+    PIL's box filter (area averaging: cv2's INTER_AREA, img2dataset's default), enlarging bicubic.
+    """
     width, height = img.size
     scale, (w, h) = target_size(width, height, opts)
     n = opts.resize
@@ -133,19 +137,23 @@ def transform(img: Image.Image, opts: ImageOptions) -> tuple[Image.Image, bool]:
     pad = opts.mode == "border" and n is not None and (w, h) != (n, n) and (scale != 1 or opts.upscale)
     if scale == 1 and not crop and not pad:
         return img, False
+    out_w, out_h = (min(w, n), min(h, n)) if crop else (w, h)
+    left, top = (w - out_w) / 2, (h - out_h) / 2  # in scaled pixels; 0 without a crop
+    box = (left / scale, top / scale, (left + out_w) / scale, (top + out_h) / scale)  # in source pixels
     k = 1 / scale
     if img.format == "JPEG" and k >= 2:
         img.draft("RGB", (math.ceil(width / k), math.ceil(height / k)))  # >= the requested size, 1/2..1/8 scale
     img = load_rgb(img)
-    if img.size != (w, h):
-        img = img.resize((w, h), Image.Resampling.BICUBIC)
-    if crop:
-        left, top = (w - min(w, n)) // 2, (h - min(h, n)) // 2
-        img = img.crop((left, top, left + min(w, n), top + min(h, n)))
+    sx, sy = img.width / width, img.height / height  # < 1 when decoded at reduced size
+    # Clamped: w / scale can exceed the width by a rounding error, which PIL refuses.
+    box = (box[0] * sx, box[1] * sy, min(box[2] * sx, img.width), min(box[3] * sy, img.height))
+    resample = Image.Resampling.BOX if scale < 1 else Image.Resampling.BICUBIC
+    if (out_w, out_h) != img.size or box != (0, 0, img.width, img.height):
+        img = img.resize((out_w, out_h), resample, box=box)
     if pad:
-        side = max(n, w, h)
+        side = max(n, out_w, out_h)
         canvas = Image.new("RGB", (side, side), "white")
-        canvas.paste(img, ((side - w) // 2, (side - h) // 2))
+        canvas.paste(img, ((side - out_w) // 2, (side - out_h) // 2))
         img = canvas
     return img, True
 
