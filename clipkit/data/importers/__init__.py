@@ -118,22 +118,22 @@ def import_source(
 
 def summary_line(summary: dict, where: str | Path) -> str:
     """The one line `clipkit data import` prints: samples per split and skips per reason."""
+    detected = " (detected)" if summary.get("detected") else ""
+    if summary.get("format") == "wds":
+        return (
+            f"{where}: {summary['shards']} shards, {summary['samples']} samples counted into sizes.json "
+            f"(format wds{detected}); samples the loader will skip: {summary['samples_the_loader_skips']}"
+        )
     if not summary.get("complete"):
         return (
             f"rank {summary['rank']}/{summary['world_size']}: wrote {summary['written']} shards; "
             f"{len(summary['missing'])} shards still to come from other ranks"
         )
-    fmt = f"{summary['format']}{' (detected)' if summary.get('detected') else ''}"
-    if summary["format"] == "wds":
-        skips = summary["samples_the_loader_skips"]
-        return (
-            f"{where}: {summary['shards']} shards, {summary['samples']} samples counted into sizes.json "
-            f"(format {fmt}); samples the loader will skip: {skips}"
-        )
     splits = ", ".join(f"{split} {n}" for split, n in summary["splits"].items())
     skipped = ", ".join(f"{reason} {n}" for reason, n in summary["skipped"].items()) or "none"
     shards = sum(len(v) for v in summary["shards"].values())
     return (
-        f"{where}: imported {summary['samples']} samples ({splits}) from {summary['rows']} images, format {fmt}; "
-        f"skipped: {skipped}; {summary['written']} shards written now, {shards} in the set"
+        f"{where}: imported {summary['samples']} samples ({splits}) from {summary['rows']} images, format "
+        f"{summary['format']}{detected}; skipped: {skipped}; {summary['written']} shards written now, "
+        f"{shards} in the set"
     )
