@@ -48,14 +48,19 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     bundle, device = _load(args.checkpoint)
     if args.task == "zeroshot":
         templates = evals.read_lines(args.templates, "templates") if args.templates else None
-        if Path(args.data).is_dir() and any(p.is_dir() for p in Path(args.data).iterdir()):
+        # Hidden subfolders (an import's .import/, a build's .cache/) do not make a shard folder an image folder.
+        if Path(args.data).is_dir() and any(p.is_dir() and p.name[0] != "." for p in Path(args.data).iterdir()):
             # An image folder (one subfolder per class); class names default to the subfolder names.
             classnames = evals.read_lines(args.classnames, "classnames") if args.classnames else None
             metrics = evals.zeroshot_folder(bundle, args.data, classnames, templates, args.batch_size, device)
         else:
-            if not args.classnames:
-                raise SystemExit("clipkit eval zeroshot: --classnames is required with shards")
-            classnames = evals.read_lines(args.classnames, "classnames")
+            # A shard set's own classnames.txt / templates.txt (data build, data import) are the defaults.
+            classnames_file = args.classnames or _beside(args.data, "classnames.txt")
+            if not classnames_file:
+                raise SystemExit("clipkit eval zeroshot: --classnames is required (no classnames.txt by the shards)")
+            classnames = evals.read_lines(classnames_file, "classnames")
+            if templates is None and (templates_file := _beside(args.data, "templates.txt")):
+                templates = evals.read_lines(templates_file, "templates")
             metrics = evals.zeroshot(
                 bundle, _shard_spec(args.data), classnames, templates, args.batch_size, device, args.workers
             )
@@ -73,6 +78,12 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     result = evals.write_result(Path(args.out), dataset, str(args.checkpoint), task, metrics)
     print(json.dumps(result, indent=2))
     return 0
+
+
+def _beside(data: str, name: str) -> str | None:
+    """`name` in the folder of a shard spec (or the folder given), if it is there."""
+    folder = Path(data) if Path(data).is_dir() else Path(data.split("::")[0]).parent
+    return str(folder / name) if (folder / name).is_file() else None
 
 
 def _shard_spec(data: str) -> str:

@@ -308,6 +308,9 @@ def test_every_format_imports_detects_trains_and_evaluates(emoji_images, digit_i
     for name in ("folder", "parquet"):
         assert main(["eval", "retrieval", "--checkpoint", str(run / "model"), "--data", str(data / name),
                      "--out", str(tmp_path / f"ret-{name}.json")]) == 0  # fmt: skip
+    zs_args = ["eval", "zeroshot", "--checkpoint", str(run / "model"), "--data", str(data / "classes")]
+    assert main([*zs_args, "--out", str(tmp_path / "zs.json")]) == 0  # classnames.txt + templates.txt found
+    assert json.loads((tmp_path / "zs.json").read_text())["metrics"]["n_samples"] == 18
     assert main(["embed", "--checkpoint", str(run / "model"), "--data", str(data / "folder"), "--out",
                  str(tmp_path / "emb")]) == 0  # fmt: skip
 

@@ -293,10 +293,10 @@ def write_import(
     state = out / STATE_DIR
     state.mkdir(parents=True, exist_ok=True)
     write_json_atomic(state / PLAN_FILE, {**identity, "shards": [s.name for s in shards]})
-    for tmp in out.glob(".*.tmp"):  # temporaries of a killed run (never renamed: nothing half-written is used)
-        tmp.unlink(missing_ok=True)
-
     mine = shards[rank::world_size]
+    for shard in mine:  # temporaries of a killed run of this rank (never renamed: nothing half-written is read)
+        for tmp in out.glob(f".{shard.name}.*.tmp"):  # only this rank's shards: other ranks may be writing theirs
+            tmp.unlink(missing_ok=True)
     records = {s.name: read_record(out, s) for s in mine}
     todo = [s for s in mine if records[s.name] is None]
     rows = [row for s in todo for _, row in s.rows]
