@@ -628,3 +628,32 @@ def test_bench_import_smoke_writes_ratio_json(digits_dir, tmp_path, capsys):
     assert report["settings"]["workers"] == 2 and report["reference"] == "pil"
     photos = sorted((tmp_path / "photos").glob("*.jpg"))
     assert len(photos) == 6 and all(256 <= min(Image.open(p).size) <= 512 for p in photos)
+
+
+@pytest.mark.slow
+def test_real_img2dataset_output_gets_a_valid_sizes_json(emoji_images, tmp_path):
+    """img2dataset itself (from local files, file:// URLs) writes the shards; `--format wds` counts them.
+
+    img2dataset pins webdataset<0.3 and pandas<3, so it is not installed beside clipkit: point
+    CLIPKIT_IMG2DATASET_PATH at a `pip install --no-deps --target DIR img2dataset opencv-python-headless
+    albumentations==1.4.24 albucore==0.0.23 simsimd stringzilla fire termcolor ExifRead-nocycle` folder."""
+    i2d = os.environ.get("CLIPKIT_IMG2DATASET_PATH", "/tmp/i2d")
+    if not (Path(i2d) / "img2dataset").is_dir():
+        pytest.skip(f"no img2dataset files in {i2d} (set CLIPKIT_IMG2DATASET_PATH)")
+    src = make_folder(tmp_path / "src", emoji_images[:12])
+    with open(tmp_path / "urls.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["url", "caption"])
+        for jpg in sorted(src.rglob("*.jpg")):
+            w.writerow([f"file://{jpg}", jpg.with_suffix(".txt").read_text().splitlines()[0]])
+    script = (
+        "from img2dataset import download; download(url_list='urls.csv', input_format='csv', url_col='url', "
+        "caption_col='caption', output_folder='shards', output_format='webdataset', image_size=64, "
+        "processes_count=1, thread_count=2, number_sample_per_shard=5, distributor='multiprocessing')"
+    )
+    env = dict(os.environ, PYTHONPATH=i2d)
+    subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, check=True, capture_output=True, timeout=600)
+    shards = tmp_path / "shards"
+    assert _import(shards, None) == 0
+    assert _sizes(shards) == {"00000.tar": 5, "00001.tar": 5, "00002.tar": 2}
+    assert main(["data", "validate", str(shards)]) == 0
