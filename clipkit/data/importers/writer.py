@@ -302,12 +302,12 @@ def write_import(
     rows = [row for s in todo for _, row in s.rows]
     results, pool = _results(rows, opts.images, workers)
     bar = tqdm(total=len(rows), desc=f"import {out.name}", unit="img", disable=None if rows else True)
+    counted = _with_bar(results, bar)  # one stream over the rows of every shard to write, in order
     seen: dict[str, str] = {}
     written = 0
     try:
         for shard in mine:
             if records[shard.name] is None:
-                counted = _Counting(results, bar)
                 try:
                     record = _write_shard(out, shard, counted, seen, opts.dedup, listing.classnames, written + 1)
                 except _EmptyShard as empty:
@@ -326,16 +326,10 @@ def write_import(
     return _finish(out, listing, shards, left_out, identity, opts, rank, world_size, written)
 
 
-class _Counting:
-    """Passes results through, advancing the progress bar."""
-
-    def __init__(self, results: Iterator[Result], bar: tqdm):
-        self.results, self.bar = results, bar
-
-    def __next__(self) -> Result:
-        res = next(self.results)
-        self.bar.update()
-        return res
+def _with_bar(results: Iterator[Result], bar: tqdm) -> Iterator[Result]:
+    for res in results:
+        bar.update()
+        yield res
 
 
 def _split_rule(listing: Listing, opts: ImportOptions) -> str:
