@@ -504,6 +504,9 @@ def test_output_folder_guard_refuses_and_deletes_nothing(emoji_images, tmp_path,
     built = tmp_path / "digits"
     assert main(["data", "build", "digits", "--out", str(built)]) == 0
     assert main(["data", "build", "digits", "--out", str(built)]) == 0  # a rebuild of the same dataset: fine
+    (built / "dataset.json").unlink()  # as a build killed before its end leaves it: its claim lets it re-run
+    assert main(["data", "build", "digits", "--out", str(built)]) == 0
+    assert main(["data", "build", "emoji", "--out", str(built)]) == 2  # but not as another dataset
     assert _import(src, built) == 2  # another dataset's folder
     assert "a build of another dataset" in capsys.readouterr().err
     (built / "keep.me").write_text("x")

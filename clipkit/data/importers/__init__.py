@@ -110,8 +110,9 @@ def import_source(
     out = Path(out)
     identity = {"name": source.stem if source.is_file() else source.resolve().name, "format": fmt}
     identity["source"] = str(source.resolve())
-    claim_output_folder(out, identity)
+    claim_output_folder(out, identity, claim=False)  # refuse before reading anything ...
     listing = list_source(source, fmt, **options)
+    claim_output_folder(out, identity)  # ... and claim the folder once there is something to write
     summary = write_import(listing, out, opts or ImportOptions(), identity, workers, rank, world_size)
     return {**summary, "detected": detected}
 

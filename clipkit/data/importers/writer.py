@@ -41,7 +41,6 @@ from clipkit.data.shards import SIZES_FILE
 from clipkit.files import atomic_path, write_json_atomic, write_text_atomic
 
 STATE_DIR = ".import"
-PLAN_FILE = "plan.json"
 DATASET_FILE = "dataset.json"
 # Bump when the bytes written for the same input and options change: older shard records are then redone.
 WRITER_VERSION = 1
@@ -277,8 +276,8 @@ def write_import(
         listing: The importer's rows.
         out: The output folder (already checked by `clipkit.data.outdir.claim_output_folder`).
         opts: Options that shape the output.
-        identity: What names this import (name, format, source): recorded in ``.import/plan.json`` and
-            ``dataset.json``, read back by the output-folder guard.
+        identity: What names this import (name, format, source): recorded in ``dataset.json``, read back by the
+            output-folder guard.
         workers: Processes that decode and encode images (0: in this process).
         rank: This process's rank.
         world_size: Number of processes sharing the import.
@@ -292,7 +291,6 @@ def write_import(
     shards, left_out = plan_shards(listing, opts, world_size)
     state = out / STATE_DIR
     state.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(state / PLAN_FILE, {**identity, "shards": [s.name for s in shards]})
     mine = shards[rank::world_size]
     for shard in mine:  # temporaries of a killed run of this rank (never renamed: nothing half-written is read)
         for tmp in out.glob(f".{shard.name}.*.tmp"):  # only this rank's shards: other ranks may be writing theirs
