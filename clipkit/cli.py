@@ -75,7 +75,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         source = args.data
     dataset = args.dataset or _dataset_name(source)
     task = args.task.replace("-", "_")
-    result = evals.write_result(Path(args.out), dataset, str(args.checkpoint), task, metrics)
+    result = evals.write_result(Path(args.out), dataset, bundle.source or str(args.checkpoint), task, metrics)
     print(json.dumps(result, indent=2))
     return 0
 
@@ -324,7 +324,7 @@ def _cmd_models(args: argparse.Namespace) -> int:
 def _cmd_export(args: argparse.Namespace) -> int:
     from clipkit.models.export import export
 
-    report = export(args.checkpoint, args.out, args.format)
+    report = export(args.checkpoint, args.out, args.format, overwrite=args.overwrite)
     print(json.dumps(report, indent=2))
     return 0
 
@@ -482,10 +482,18 @@ def make_parser() -> argparse.ArgumentParser:
     ms.add_argument("--all", action="store_true", help="also those whose HF text tower is only on the hub")
     ms.set_defaults(fn=_cmd_models)
 
-    x = sub.add_parser("export", help="write a model as an open_clip or HF-style folder, verified by loading it back")
+    x = sub.add_parser(
+        "export", help="write a model as an open_clip, HF-style or transformers folder, verified by loading it back"
+    )
     x.add_argument("--checkpoint", required=True, help="model folder, checkpoint folder, run folder or weights file")
-    x.add_argument("--format", choices=["open_clip", "hf"], default="open_clip")
-    x.add_argument("--out", required=True, help="folder to write")
+    x.add_argument(
+        "--format",
+        choices=["open_clip", "hf", "transformers"],
+        default="open_clip",
+        help="transformers: a CLIPModel folder for from_pretrained / pipeline",
+    )
+    x.add_argument("--out", required=True, help="folder to write (new or empty)")
+    x.add_argument("--overwrite", action="store_true", help="write into a non-empty --out, replacing same-named files")
     x.set_defaults(fn=_cmd_export)
     return p
 

@@ -76,6 +76,24 @@ class SourceCfg:
 
 
 @dataclass(frozen=True)
+class AugmentCfg:
+    """Training image augmentation: open_clip's `aug_cfg` (the defaults give open_clip's plain training transform).
+
+    Attributes:
+        scale: RandomResizedCrop's range of the crop's area, as a share of the image.
+        color_jitter: brightness, contrast, saturation and hue jitter strengths (4 numbers), applied with
+            probability `color_jitter_prob`; both or neither.
+        color_jitter_prob: probability of the color jitter.
+        gray_scale_prob: probability of turning the image gray.
+    """
+
+    scale: tuple[float, float] = (0.9, 1.0)
+    color_jitter: tuple[float, float, float, float] | None = None
+    color_jitter_prob: float | None = None
+    gray_scale_prob: float | None = None
+
+
+@dataclass(frozen=True)
 class DataCfg:
     """The training stream.
 
@@ -94,6 +112,8 @@ class DataCfg:
         fast_images: with open_clip's plain training transform, draw the crop from the image header, decode JPEGs
             at 1/2, 1/4 or 1/8 size when the crop still covers the output there, crop and resize uint8 tensors, and
             normalize whole batches on the device (false: the transform as it is, on full-size decoded images).
+            Color jitter and gray scale take the plain path (decode, then open_clip's transform).
+        augment: the training image augmentation.
     """
 
     sources: tuple[SourceCfg, ...] = ()
@@ -105,6 +125,7 @@ class DataCfg:
     resampled: bool = True
     max_skip_rate: float = 0.1
     fast_images: bool = True
+    augment: AugmentCfg = field(default_factory=AugmentCfg)
 
 
 @dataclass(frozen=True)
@@ -130,6 +151,11 @@ class TrainCfg:
             loss itself stays in the features' dtype).
         accum_freq: micro-batches per optimizer step with cached features (GradCache), giving the gradient
             of one accum_freq-times larger batch.
+        positives: multiple positives: pairs of a global batch that share this are positives of each other, not
+            negatives: a key of the samples' json (e.g. "label": every prompt of a class) or "caption" (the same
+            caption text). None (default): only a pair itself. With the CLIP loss, identical captions already
+            act as one shared target (their text features are equal), so "caption" changes only SigLIP, where the
+            plain loss labels the same logit both +1 and -1; a json key changes both.
         fsdp: shard parameters, gradients and optimizer state with FSDP2 through Accelerate's plugin (GPUs only:
             on CPU Accelerate ignores the plugin and runs DDP, so clipkit refuses it there).
         log_every: steps between metric log lines.
@@ -164,6 +190,7 @@ class TrainCfg:
     gather_with_grad: bool = True
     gather_dtype: Literal["fp32", "bf16"] = "fp32"
     accum_freq: int = 1
+    positives: str | None = None
     fsdp: bool = False
     log_every: int = 10
     checkpoint_every: int = 0
@@ -436,6 +463,17 @@ def validate(r: Recipe) -> None:
     need(d.workers >= 0, "data.workers", d.workers, "must be >= 0")
     need(d.shuffle_buffer >= 0, "data.shuffle_buffer", d.shuffle_buffer, "must be >= 0")
     need(d.prefetch_factor >= 1, "data.prefetch_factor", d.prefetch_factor, "must be >= 1")
+    a = d.augment
+    need(0 < a.scale[0] <= a.scale[1] <= 1, "data.augment.scale", list(a.scale), "must be 0 < low <= high <= 1")
+    need(
+        (a.color_jitter is None) == (a.color_jitter_prob is None),
+        "data.augment.color_jitter",
+        a.color_jitter,
+        "and data.augment.color_jitter_prob go together (strengths, and the probability of applying them)",
+    )
+    for key in ("color_jitter_prob", "gray_scale_prob"):
+        v = getattr(a, key)
+        need(v is None or 0 <= v <= 1, f"data.augment.{key}", v, "must be a probability in [0, 1]")
     if not d.resampled:
         for i, s in enumerate(d.sources):
             need(

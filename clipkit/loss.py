@@ -8,6 +8,13 @@ would carry no gradient and give the towers 1/W of it.
 
 The losses are written over (rows, columns, row offset) so that the same code serves one process, many
 processes, the full global matrix, and feature-cached gradient accumulation (clipkit/step.py).
+
+Multiple positives: with a group id per pair (same caption, same label), every column of the row's group is a
+positive, not a negative. InfoNCE then takes soft targets spread evenly over the row's positives (the pair itself
+always among them); SigLIP labels them +1. With all groups distinct this is exactly the plain loss; so is InfoNCE's
+for pairs whose captions are identical (their logits are equal, so any split of the target is the same). Group ids
+cross processes with the features (a no-grad all-gather of [n] int64), so the reference tests hold as for the
+plain loss.
 """
 
 from __future__ import annotations
@@ -60,6 +67,11 @@ def gather_no_grad(x: torch.Tensor) -> torch.Tensor:
     return torch.cat(out, dim=0)
 
 
+def positives(row_groups: torch.Tensor, col_groups: torch.Tensor) -> torch.Tensor:
+    """[n, N] bool: whether column j is in row i's group (row i's own pair always is)."""
+    return row_groups[:, None] == col_groups[None, :]
+
+
 def clip_loss_rows(
     image_rows: torch.Tensor,
     text_rows: torch.Tensor,
@@ -67,10 +79,13 @@ def clip_loss_rows(
     text_cols: torch.Tensor,
     logit_scale: torch.Tensor,
     row_offset: int = 0,
+    row_groups: torch.Tensor | None = None,
+    col_groups: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Symmetric InfoNCE of some rows against all columns.
 
     Row i is paired with column i + row_offset. Logits are [n, N] in each direction (memory: 2*n*N floats).
+    With groups, the targets of row i are spread evenly over the columns of its group (multiple positives).
 
     Args:
         image_rows: [n, D] normalized image features of the rows this process owns.
@@ -79,11 +94,16 @@ def clip_loss_rows(
         text_cols: [N, D] normalized text features of all columns.
         logit_scale: the temperature, already exponentiated (a scalar).
         row_offset: the column index of row 0.
+        row_groups: [n] int64 group ids of the rows (None: every pair its own group).
+        col_groups: [N] int64 group ids of the columns.
 
     Returns:
         The mean over rows of (image->text CE + text->image CE) / 2.
     """
     labels = torch.arange(image_rows.shape[0], device=image_rows.device) + row_offset
+    if row_groups is not None:
+        same = positives(row_groups, col_groups).to(image_rows.dtype)
+        labels = same / same.sum(dim=1, keepdim=True)  # [n, N] soft targets (the same in both directions)
     logits_per_image = logit_scale * image_rows @ text_cols.T
     logits_per_text = logit_scale * text_rows @ image_cols.T
     return (F.cross_entropy(logits_per_image, labels) + F.cross_entropy(logits_per_text, labels)) / 2
@@ -95,12 +115,15 @@ def siglip_loss_rows(
     logit_scale: torch.Tensor,
     logit_bias: torch.Tensor,
     row_offset: int = 0,
+    row_groups: torch.Tensor | None = None,
+    col_groups: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Sigmoid loss (SigLIP) of some image rows against all text columns.
 
-    Every (image, text) pair is an independent binary problem: +1 for row i with column i + row_offset,
-    -1 otherwise. Normalized by the number of rows, as in the SigLIP paper and open_clip's SigLipLoss, so that
-    the mean over processes equals the single-process loss of the global batch.
+    Every (image, text) pair is an independent binary problem: +1 for row i with column i + row_offset (with
+    groups: with every column of its group), -1 otherwise. Normalized by the number of rows, as in the SigLIP
+    paper and open_clip's SigLipLoss, so that the mean over processes equals the single-process loss of the
+    global batch.
 
     Args:
         image_rows: [n, D] normalized image features.
@@ -108,11 +131,16 @@ def siglip_loss_rows(
         logit_scale: exponentiated scale (a scalar).
         logit_bias: the learnable bias (a scalar).
         row_offset: the column index of row 0.
+        row_groups: [n] int64 group ids of the rows (None: every pair its own group).
+        col_groups: [N] int64 group ids of the columns.
     """
     n = image_rows.shape[0]
     logits = logit_scale * image_rows @ text_cols.T + logit_bias  # [n, N]
-    signs = -torch.ones_like(logits)
-    signs[torch.arange(n, device=logits.device), torch.arange(n, device=logits.device) + row_offset] = 1.0
+    if row_groups is not None:
+        signs = positives(row_groups, col_groups).to(logits.dtype) * 2 - 1
+    else:
+        signs = -torch.ones_like(logits)
+        signs[torch.arange(n, device=logits.device), torch.arange(n, device=logits.device) + row_offset] = 1.0
     return -F.logsigmoid(signs * logits).sum() / n
 
 
@@ -160,19 +188,21 @@ class ContrastiveLoss:
         text_all: torch.Tensor,
         logit_scale: torch.Tensor,
         logit_bias: torch.Tensor | None = None,
+        groups_local: torch.Tensor | None = None,
+        groups_all: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """The loss given local features [n, D] and already-gathered global ones [W*n, D]."""
+        """The loss given local features [n, D] and already-gathered global ones [W*n, D] (and group ids)."""
         rank, _ = world()
         n = image_local.shape[0]
         if self.local_loss:
-            rows_i, rows_t, offset = image_local, text_local, rank * n
+            rows_i, rows_t, offset, rows_g = image_local, text_local, rank * n, groups_local
         else:
-            rows_i, rows_t, offset = image_all, text_all, 0
+            rows_i, rows_t, offset, rows_g = image_all, text_all, 0, groups_all
         if self.kind == "clip":
-            return clip_loss_rows(rows_i, rows_t, image_all, text_all, logit_scale, offset)
+            return clip_loss_rows(rows_i, rows_t, image_all, text_all, logit_scale, offset, rows_g, groups_all)
         if logit_bias is None:
             raise ValueError("the SigLIP loss needs a model with logit_bias (init_logit_bias in the model config)")
-        loss = siglip_loss_rows(rows_i, text_all, logit_scale, logit_bias, offset)
+        loss = siglip_loss_rows(rows_i, text_all, logit_scale, logit_bias, offset, rows_g, groups_all)
         # Global rows: each process holds the sum over all W*n rows / (W*n); local: its n rows / n. Both average
         # to the global loss under DDP.
         return loss
@@ -183,10 +213,14 @@ class ContrastiveLoss:
         text_features: torch.Tensor,
         logit_scale: torch.Tensor,
         logit_bias: torch.Tensor | None = None,
+        groups: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Loss of this process's [n, D] normalized features; on one process it is the plain loss."""
+        """Loss of this process's [n, D] normalized features (and [n] group ids for multiple positives)."""
         # SigLIP's local rows read only the text columns: gathering the images would be wasted traffic.
         skip_images = self.kind == "siglip" and self.local_loss
         image_all = image_features if skip_images else self.gather(image_features)
         text_all = self.gather(text_features)
-        return self.from_global(image_features, text_features, image_all, text_all, logit_scale, logit_bias)
+        groups_all = gather_no_grad(groups) if groups is not None else None
+        return self.from_global(
+            image_features, text_features, image_all, text_all, logit_scale, logit_bias, groups, groups_all
+        )

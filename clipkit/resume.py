@@ -44,6 +44,7 @@ FIXED_ON_RESUME = (
     "train.gather_with_grad",
     "train.gather_dtype",
     "train.accum_freq",
+    "train.positives",
     "train.checkpoint_every",
     "train.precision",
     "train.threads",

@@ -47,7 +47,7 @@ def _set_rng_state(state: tuple, device: torch.device) -> None:
 
 def forward_backward(
     model: torch.nn.Module,
-    micro_batches: Sequence[tuple[torch.Tensor, torch.Tensor]],
+    micro_batches: Sequence[tuple[torch.Tensor, ...]],
     loss_fn: ContrastiveLoss,
     backward: Callable[[torch.Tensor], None] = torch.Tensor.backward,
     no_sync: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
@@ -57,7 +57,8 @@ def forward_backward(
 
     Args:
         model: the (possibly DDP-wrapped) dual encoder; called as model(image=..., text=...).
-        micro_batches: K pairs (images [n, 3, H, W], tokens [n, L]); every process passes the same K and n.
+        micro_batches: K tuples (images [n, 3, H, W], tokens [n, L]) or (images, tokens, group ids [n] int64 for
+            multiple positives); every process passes the same K and n.
         loss_fn: the contrastive loss.
         backward: how to backpropagate (accelerator.backward under Accelerate).
         no_sync: context manager that suspends DDP's gradient all-reduce (all micro-steps but the last).
@@ -66,11 +67,12 @@ def forward_backward(
     Returns:
         The loss of the whole step (a detached scalar): the big-batch loss when K > 1.
     """
+    groups = [mb[2] if len(mb) > 2 else None for mb in micro_batches]
     if len(micro_batches) == 1:
-        images, texts = micro_batches[0]
+        images, texts = micro_batches[0][:2]
         with autocast():
             img, txt, scale, bias = _forward(model, images, texts)
-            loss = loss_fn(img, txt, scale, bias)
+            loss = loss_fn(img, txt, scale, bias, groups[0])
         backward(loss)
         return loss.detach()
 
@@ -80,7 +82,7 @@ def forward_backward(
     k = len(micro_batches)
     states, cache_img, cache_txt = [], [], []
     with torch.no_grad(), autocast():
-        for images, texts in micro_batches:
+        for images, texts, *_ in micro_batches:
             if images.shape[0] != n:
                 raise ValueError(f"accumulation needs equal micro-batches: got {images.shape[0]} and {n} samples")
             states.append(_rng_state(device))
@@ -91,10 +93,13 @@ def forward_backward(
     local_img, local_txt = torch.cat(cache_img), torch.cat(cache_txt)  # [K*n, D]
     all_img = gather_no_grad(local_img).view(w, k, n, -1)  # [W, K, n, D]
     all_txt = gather_no_grad(local_txt).view(w, k, n, -1)
+    # Group ids in the same column order: [W*K*n] int64, this process's rows at rank * K * n.
+    all_groups = gather_no_grad(torch.cat(groups)) if groups[0] is not None else None
+    row_groups = all_groups.view(w, k * n)[rank] if all_groups is not None else None
     after_first_pass = _rng_state(device)
 
     total = torch.zeros((), device=device)
-    for j, (images, texts) in enumerate(micro_batches):
+    for j, (images, texts, *_) in enumerate(micro_batches):
         _set_rng_state(states[j], device)
         sync = contextlib.nullcontext() if j == k - 1 else no_sync()
         with sync:
@@ -109,7 +114,7 @@ def forward_backward(
                 cols_txt = torch.cat([all_txt[:, :j], txt_g, all_txt[:, j + 1 :]], dim=1).flatten(0, 2)
                 rows_img = cols_img.view(w, k * n, -1)[rank]
                 rows_txt = cols_txt.view(w, k * n, -1)[rank]
-                loss = loss_fn.from_global(rows_img, rows_txt, cols_img, cols_txt, scale, bias)
+                loss = loss_fn.from_global(rows_img, rows_txt, cols_img, cols_txt, scale, bias, row_groups, all_groups)
             backward(loss)
         total = loss.detach()  # every micro-step computes the same big-batch loss value
     _set_rng_state(after_first_pass, device)

@@ -12,6 +12,7 @@ and the end of the run.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import math
 import os
@@ -36,7 +37,7 @@ from clipkit.evaluate import run as evals
 from clipkit.files import write_json_atomic
 from clipkit.loss import ContrastiveLoss
 from clipkit.models import ModelBundle, create_model
-from clipkit.models.factory import resolve_config
+from clipkit.models.factory import build_transforms, resolve_config
 from clipkit.models.weights import refuse_pickled_code
 from clipkit.optim import NonFiniteGuard, make_optimizer, make_scheduler
 from clipkit.plots import plot_metrics
@@ -250,6 +251,7 @@ def data_stream(recipe: Recipe, shards: dict, bundle: ModelBundle, accelerator: 
         caption=recipe.data.caption,
         fast=recipe.data.fast_images,
         normalize_on_device=device.type != "cpu",
+        positives=t.positives,
     )
     loader = train_loader(stream, recipe.data.workers, recipe.data.prefetch_factor, pin_memory=device.type == "cuda")
     if recipe.data.resampled:  # segments end at checkpoints, so a resume replays at most one segment
@@ -259,8 +261,11 @@ def data_stream(recipe: Recipe, shards: dict, bundle: ModelBundle, accelerator: 
     return stream, positioned_batches(stream, loader, epoch_len, progress.epoch, progress.consumed)
 
 
-def next_micro_batches(run: Run) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """The step's train.accum_freq (images [n, 3, H, W], tokens [n, L]) pairs on the device; counts the data."""
+def next_micro_batches(run: Run) -> list[tuple[torch.Tensor, ...]]:
+    """The step's train.accum_freq (images [n, 3, H, W], tokens [n, L][, group ids [n]]) on the device.
+
+    Also advances the data position and counts the data.
+    """
     device, micro = run.accelerator.device, []
     for _ in range(run.recipe.train.accum_freq):
         batch, (run.progress.epoch, run.progress.consumed) = next(run.batches)
@@ -268,7 +273,8 @@ def next_micro_batches(run: Run) -> list[tuple[torch.Tensor, torch.Tensor]]:
         images = run.stream.finish_images(batch["image"].to(device, non_blocking=True))  # uint8 on GPUs
         if run.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
-        micro.append((images, batch["text"].to(device, non_blocking=True)))
+        texts = batch["text"].to(device, non_blocking=True)
+        micro.append((images, texts, batch["group"].to(device)) if "group" in batch else (images, texts))
     return micro
 
 
@@ -418,12 +424,16 @@ def make_accelerator(recipe: Recipe, out_dir: Path) -> Accelerator:
 
 
 def build_bundle(recipe: Recipe) -> ModelBundle:
-    """The recipe's model; SigLIP needs the learnable bias and its own initial scale (unless the config sets them)."""
-    if recipe.train.loss != "siglip":
-        return create_model(recipe.model)
-    resolved = resolve_config(recipe.model)
-    config = {**SIGLIP_INIT, **resolved["model_cfg"], "preprocess_cfg": resolved["preprocess_cfg"]}
-    return create_model(replace(recipe.model, name=None, config=config))
+    """The recipe's model and its training transform with data.augment; SigLIP needs the learnable bias and its
+    own initial scale (unless the config sets them)."""
+    model_cfg = recipe.model
+    if recipe.train.loss == "siglip":
+        resolved = resolve_config(recipe.model)
+        config = {**SIGLIP_INIT, **resolved["model_cfg"], "preprocess_cfg": resolved["preprocess_cfg"]}
+        model_cfg = replace(recipe.model, name=None, config=config)
+    bundle = create_model(model_cfg)
+    augmented, _ = build_transforms(bundle.config["preprocess_cfg"], dataclasses.asdict(recipe.data.augment))
+    return replace(bundle, train_transform=augmented)
 
 
 def positioned_batches(stream: TrainStream, loader, epoch_len: int, epoch: int = 0, consumed: int = 0):

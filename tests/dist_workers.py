@@ -54,8 +54,12 @@ def contrastive_grads(
     dtype: torch.dtype = torch.float64,
     gather_dtype: torch.dtype | None = None,
     local_loss: bool = True,
+    groups_mod: int | None = None,
 ) -> None:
-    """One optimizer step's gradients under DDP: this rank holds `accum` micro-batches of `per_rank` samples."""
+    """One optimizer step's gradients under DDP: this rank holds `accum` micro-batches of `per_rank` samples.
+
+    With `groups_mod`, sample i of the global batch is in group i % groups_mod (multiple positives).
+    """
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     from clipkit.loss import ContrastiveLoss
@@ -67,7 +71,12 @@ def contrastive_grads(
     # Global order (rank, micro-batch, row), as forward_backward assumes.
     mine = slice(rank * per_rank * accum, (rank + 1) * per_rank * accum)
     img, txt = images[mine], texts[mine]
-    micro = [(img[j * per_rank : (j + 1) * per_rank], txt[j * per_rank : (j + 1) * per_rank]) for j in range(accum)]
+    grp = (torch.arange(len(images)) % groups_mod)[mine] if groups_mod else None
+    micro = [
+        (img[j * per_rank : (j + 1) * per_rank], txt[j * per_rank : (j + 1) * per_rank])
+        + ((grp[j * per_rank : (j + 1) * per_rank],) if grp is not None else ())
+        for j in range(accum)
+    ]
     loss = forward_backward(
         model,
         micro,

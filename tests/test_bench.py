@@ -136,8 +136,7 @@ def test_fast_crop_only_takes_the_plain_transform():
 
 def test_fused_adamw_found_inf_skips_the_step_bitwise():
     """The device-side skip of a non-finite step leaves weights and optimizer state exactly as they were."""
-    from clipkit.optim import make_optimizer
-    from clipkit.optim import NonFiniteGuard
+    from clipkit.optim import NonFiniteGuard, make_optimizer
     from clipkit.stopping import TrainingStopped
 
     model = torch.nn.Linear(4, 3)

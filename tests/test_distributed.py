@@ -30,11 +30,14 @@ def spawn(fn, world_size: int, *args) -> None:
     mp.start_processes(fn, args=(world_size, free_port(), *args), nprocs=world_size, start_method="spawn", join=True)
 
 
-def single_process(model_cfg: dict, kind: str, n: int, accum: int = 1, dtype: torch.dtype = torch.float64):
+def single_process(
+    model_cfg: dict, kind: str, n: int, accum: int = 1, dtype: torch.dtype = torch.float64, groups_mod: int = 0
+):
     model = dist_workers.make_model(model_cfg, kind, dtype)
     images, texts = dist_workers.global_batch(n, dtype=dtype)
     m = n // accum
-    micro = [(images[j * m : (j + 1) * m], texts[j * m : (j + 1) * m]) for j in range(accum)]
+    groups = (torch.arange(n) % groups_mod,) if groups_mod else ()
+    micro = [tuple(x[j * m : (j + 1) * m] for x in (images, texts, *groups)) for j in range(accum)]
     loss = forward_backward(model, micro, ContrastiveLoss(kind))
     return loss, dist_workers.grads_of(model)
 
@@ -59,6 +62,17 @@ def test_two_processes_with_accumulation_equal_one_big_batch(tmp_path, tiny_mode
     out = str(tmp_path / "r.pt")
     spawn(dist_workers.contrastive_grads, 2, out, tiny_model_cfg, "clip", 2, 4, True)
     ref_loss, ref = single_process(tiny_model_cfg, "clip", 16)
+    assert_same(ref_loss, ref, torch.load(out))
+
+
+@pytest.mark.parametrize("kind", ["clip", "siglip"])
+def test_multi_positive_two_processes_with_accumulation_equal_one_big_batch(tmp_path, tiny_model_cfg, kind):
+    """Groups spanning processes and micro-batches (i % 3): 2 processes x K=2 x 2 == 1 process x 8, exactly."""
+    out = str(tmp_path / "r.pt")
+    spawn(dist_workers.contrastive_grads, 2, out, tiny_model_cfg, kind, 2, 2, True, torch.float64, None, True, 3)
+    ref_loss, ref = single_process(tiny_model_cfg, kind, 8, groups_mod=3)
+    plain_loss, _ = single_process(tiny_model_cfg, kind, 8)
+    assert (ref_loss - plain_loss).abs() > 1e-6
     assert_same(ref_loss, ref, torch.load(out))
 
 

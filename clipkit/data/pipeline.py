@@ -26,6 +26,7 @@ Do not pass these loaders to `accelerator.prepare`: it would re-dispatch or re-s
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import random
@@ -243,6 +244,20 @@ def decode_json(sample: dict) -> dict:
         raise SkipSample("bad_json", sample.get("__key__", "?")) from None
 
 
+def group_id(sample: dict, caption: str, positives: str) -> int:
+    """A stable int64 id of what makes pairs positives: the caption text, or the value of a json key.
+
+    A sample without the key gets an id of its own (its shard and key), so it is nobody's positive. Ids are
+    8-byte BLAKE2b hashes: equal across processes and runs; a collision among 2^64 values is negligible.
+    """
+    if positives == "caption":
+        what = "caption:" + caption
+    else:
+        value = decode_json(sample).get(positives)
+        what = f"sample:{sample.get('__url__')}/{sample['__key__']}" if value is None else f"value:{value!r}"
+    return int.from_bytes(hashlib.blake2b(what.encode("utf-8"), digest_size=8).digest(), "little", signed=True)
+
+
 def read_tar_samples(urls: Iterator[str], stats: Counter, shard_stats: Counter | None = None) -> Iterator[dict]:
     """Samples of the given tar files in order; a broken or missing tar is counted once (`bad_shard`) and skipped.
 
@@ -333,6 +348,9 @@ class TrainStream(torch.utils.data.IterableDataset):
             decoded images, as open_clip_train does).
         normalize_on_device: leave fast-path batches uint8 for `finish_images` (for GPU training; on a CPU it
             would only move the normalization from the loader workers into the training process).
+        positives: what makes two pairs of a batch positives of each other (multiple positives): "caption" (the
+            same caption text) or a key of the samples' json (e.g. "label"); batches then carry "group", [B] int64
+            ids. None: no group ids.
 
     Attributes:
         epoch: a shared counter; set `stream.epoch.value` before iterating a new epoch.
@@ -353,6 +371,7 @@ class TrainStream(torch.utils.data.IterableDataset):
         caption: str = "random",
         fast: bool = True,
         normalize_on_device: bool = False,
+        positives: str | None = None,
     ):
         super().__init__()
         if not sources or any(not s.urls for s in sources):
@@ -362,7 +381,7 @@ class TrainStream(torch.utils.data.IterableDataset):
         self.rank, self.world_size, self.seed = rank, world_size, seed
         self.resampled, self.shuffle_size, self.caption = resampled, shuffle_size, caption
         self.fast_crop = FastCrop.of(transform) if fast else None
-        self.normalize_on_device = normalize_on_device
+        self.normalize_on_device, self.positives = normalize_on_device, positives
         # Shared memory, so the value set by the training process reaches already-started loader workers.
         self.epoch = torch.multiprocessing.Value("i", 0)
         if not resampled:
@@ -431,7 +450,7 @@ class TrainStream(torch.utils.data.IterableDataset):
             samples = self._epoch_samples(rng, epoch, worker, workers, stats, shard_stats)
             limit = self.batches_per_worker(workers)
         produced = 0
-        images, captions, keys = [], [], []
+        images, captions, keys, groups = [], [], [], []
         fast = self.fast_crop
         for sample in samples:
             try:
@@ -449,6 +468,8 @@ class TrainStream(torch.utils.data.IterableDataset):
             images.append(tensor)
             captions.append(lines[0] if self.caption == "first" else rng.choice(lines))
             keys.append(sample["__key__"])
+            if self.positives is not None:
+                groups.append(group_id(sample, captions[-1], self.positives))
             if len(images) == self.batch_size:
                 batch = torch.stack(images)  # [B, 3, H, W]: uint8 on the fast path
                 if fast is not None and not self.normalize_on_device:
@@ -459,10 +480,11 @@ class TrainStream(torch.utils.data.IterableDataset):
                     "key": keys,
                     "skipped": dict(stats),
                     "skipped_shards": dict(shard_stats),
+                    **({"group": torch.tensor(groups, dtype=torch.int64)} if self.positives is not None else {}),
                 }
                 stats.clear()
                 shard_stats.clear()
-                images, captions, keys = [], [], []
+                images, captions, keys, groups = [], [], [], []
                 produced += 1
                 if limit is not None and produced == limit:
                     return

@@ -12,6 +12,7 @@ import copy
 import dataclasses
 import importlib.util
 import logging
+import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -20,7 +21,7 @@ from typing import Any
 import open_clip
 import torch
 from open_clip.model import CLIPTextCfg, CLIPVisionCfg
-from open_clip.transform import PreprocessCfg, merge_preprocess_dict
+from open_clip.transform import PreprocessCfg, image_transform_v2, merge_preprocess_dict
 
 from clipkit.config import ModelCfg, RecipeError
 from clipkit.models.freeze import apply_locks, cache_locked_text, trainable_summary
@@ -45,6 +46,7 @@ class ModelBundle:
         eval_transform: PIL image -> [3, H, W] float tensor, deterministic.
         tokenizer: list of strings -> [B, context_length] int64 token ids.
         config: {"model_cfg": ..., "preprocess_cfg": ...}: the open_clip_config.json content.
+        source: the model folder, or the weights file, the model was loaded from ("" for a new model).
     """
 
     model: torch.nn.Module
@@ -52,6 +54,7 @@ class ModelBundle:
     eval_transform: Callable
     tokenizer: Callable
     config: dict
+    source: str = ""
 
 
 def resolve_config(cfg: ModelCfg) -> dict:
@@ -154,13 +157,19 @@ def build_tokenizer(model_cfg: dict) -> Callable[[list[str]], torch.Tensor]:
     return open_clip.SimpleTokenizer(context_length=ctx, **kwargs)
 
 
-def build_transforms(preprocess_cfg: dict[str, Any]) -> tuple[Callable, Callable]:
-    """open_clip's (train, eval) image transforms for a preprocess config."""
+def build_transforms(preprocess_cfg: dict[str, Any], augment: dict | None = None) -> tuple[Callable, Callable]:
+    """open_clip's (train, eval) image transforms for a preprocess config (`image_transform_v2`).
+
+    Args:
+        preprocess_cfg: open_clip's preprocess config (size, mean, std, interpolation, resize mode).
+        augment: open_clip's `aug_cfg` for the training transform (None: its defaults).
+    """
     p = PreprocessCfg(**preprocess_cfg) if not isinstance(preprocess_cfg, PreprocessCfg) else preprocess_cfg
-    kwargs = dict(mean=p.mean, std=p.std, interpolation=p.interpolation, resize_mode=p.resize_mode)
-    train = open_clip.image_transform(p.size, is_train=True, **kwargs)
-    val = open_clip.image_transform(p.size, is_train=False, fill_color=p.fill_color, **kwargs)
-    return train, val
+    with warnings.catch_warnings():
+        # open_clip applies color jitter and gray scale, then warns that they were unused (it never pops them).
+        warnings.filterwarnings("ignore", message="Unused augmentation cfg items")
+        train = image_transform_v2(p, is_train=True, aug_cfg=augment)
+    return train, image_transform_v2(p, is_train=False)
 
 
 def bundle_from_config(config: dict, load_tower_weights: bool = True) -> ModelBundle:
@@ -189,7 +198,7 @@ def create_model(cfg: ModelCfg) -> ModelBundle:
         )
     bundle = bundle_from_config(config, load_tower_weights=cfg.pretrained is None)
     if cfg.pretrained is not None:
-        load_pretrained(bundle.model, cfg.pretrained)
+        load_pretrained(bundle.model, cfg.pretrained, config["model_cfg"])
     apply_locks(bundle.model, cfg)
     if cfg.cache_locked_text:
         cache_locked_text(bundle.model)

@@ -12,21 +12,17 @@ import json
 from pathlib import Path
 
 import torch
+from accelerate.utils import extract_model_from_parallel
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from clipkit.files import atomic_path, write_json_atomic
 from clipkit.models.factory import ModelBundle, bundle_from_config
+from clipkit.models.weights import load_pretrained
 
 CONFIG_NAME = "open_clip_config.json"
 WEIGHTS_NAME = "open_clip_model.safetensors"
 INFO_NAME = "clipkit.json"
-
-
-def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    # DDP / torch.compile wrappers keep the real module under these attributes.
-    while hasattr(model, "module") or hasattr(model, "_orig_mod"):
-        model = getattr(model, "module", None) or model._orig_mod
-    return model
 
 
 def save_model(
@@ -43,7 +39,9 @@ def save_model(
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    state = model if isinstance(model, dict) else _unwrap(model).state_dict()
+    state = (
+        model if isinstance(model, dict) else extract_model_from_parallel(model).state_dict()
+    )  # DDP, FSDP, compile wrappers
     state = {k: v.detach().contiguous().cpu() for k, v in state.items()}
     with atomic_path(out_dir / WEIGHTS_NAME) as tmp:
         save_file(state, str(tmp), metadata={"format": "pt"})
@@ -73,27 +71,60 @@ def _relocate_hf_tower(config: dict, folder: Path) -> dict:
     return config
 
 
+def read_config(cfg_file: Path) -> dict:
+    """An open_clip_config.json as a dict; a broken one is a ValueError naming the file and what is wrong."""
+    try:
+        config = json.loads(cfg_file.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{cfg_file}: not valid JSON ({e}); re-export the model or restore the file") from None
+    if not isinstance(config, dict) or not isinstance(config.get("model_cfg"), dict):
+        raise ValueError(
+            f'{cfg_file}: no "model_cfg" object; an open_clip_config.json holds model_cfg + preprocess_cfg'
+        )
+    return config
+
+
+def read_weights(path: Path) -> dict[str, torch.Tensor]:
+    """A safetensors file's tensors; a truncated or garbage file is a ValueError naming it."""
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise ValueError(f"{path}: not a readable safetensors file ({e}); it may be truncated or corrupt") from None
+
+
 def load_model(path: Path, device: str | torch.device = "cpu") -> ModelBundle:
     """Loads a model folder written by `save_model` (or by open_clip's HF-hub export) in eval mode.
 
+    Args:
+        path: the folder, or a weights file: the folder's own `open_clip_model.safetensors`, or another
+            weights file beside the config (`epoch_9.pt`, `other.safetensors`), which is then what is loaded
+            (torch files through `torch.load(weights_only=True)`). `bundle.source` says what was loaded.
+
     Raises:
         FileNotFoundError: naming the missing file.
-        ValueError: when weights do not match the config, naming the keys.
+        ValueError: a broken config or weights file, or weights that do not match the config, naming the file.
     """
     path = Path(path)
-    if path.is_file():  # a weights file given directly: its folder holds the config
-        path = path.parent
-    cfg_file, weights = path / CONFIG_NAME, path / WEIGHTS_NAME
+    folder, weights = (path.parent, path) if path.is_file() else (path, path / WEIGHTS_NAME)
+    cfg_file = folder / CONFIG_NAME
     for f in (cfg_file, weights):
         if not f.is_file():
             raise FileNotFoundError(f"{f}: not found; a clipkit model folder holds {CONFIG_NAME} and {WEIGHTS_NAME}")
-    config = _relocate_hf_tower(json.loads(cfg_file.read_text()), path.resolve())
-    bundle = bundle_from_config(config, load_tower_weights=False)
-    state = load_file(str(weights))
-    missing, unexpected = bundle.model.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise ValueError(
-            f"{weights}: weights do not match {cfg_file}: missing {missing[:5]}, unexpected {unexpected[:5]}"
-        )
+    config = _relocate_hf_tower(read_config(cfg_file), folder.resolve())
+    try:
+        bundle = bundle_from_config(config, load_tower_weights=False)
+    except (TypeError, KeyError, AssertionError) as e:
+        raise ValueError(f"{cfg_file}: open_clip cannot build this model_cfg ({type(e).__name__}: {e})") from None
+    if weights.name != WEIGHTS_NAME:
+        load_pretrained(bundle.model, weights)  # the named file, strictly; pickled code refused
+        bundle.source = str(weights)
+    else:
+        state = read_weights(weights)
+        missing, unexpected = bundle.model.load_state_dict(state, strict=False)
+        if missing or unexpected:
+            raise ValueError(
+                f"{weights}: weights do not match {cfg_file}: missing {missing[:5]}, unexpected {unexpected[:5]}"
+            )
+        bundle.source = str(path)
     bundle.model.to(device).eval()
     return bundle
