@@ -50,6 +50,9 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     task = args.task.replace("-", "_")
     source = args.train if task == "linear_probe" else args.data
     names, templates = getattr(args, "classnames", None), getattr(args, "templates", None)
+    if task == "zeroshot" and not evals.is_image_folder(source):
+        # A shard set's own classnames.txt / templates.txt (data build, data import) are the defaults.
+        names, templates = names or _beside(source, "classnames.txt"), templates or _beside(source, "templates.txt")
     bundle, device = _load(args.checkpoint)
     metrics = evals.run_task(
         bundle,
@@ -85,6 +88,12 @@ def _out_file(path: str, flag: str = "--out") -> Path:
     if not parent.is_dir():
         raise NotADirectoryError(errno.ENOTDIR, f"{flag}: {parent} is a file, not a folder", path)
     return out
+
+
+def _beside(data: str, name: str) -> str | None:
+    """`name` in the folder of a shard spec (or the folder given), if it is there."""
+    folder = Path(data) if Path(data).is_dir() else Path(data.split("::")[0]).parent
+    return str(folder / name) if (folder / name).is_file() else None
 
 
 def _dataset_name(source: str) -> str:
@@ -233,10 +242,76 @@ def _serve(args: argparse.Namespace) -> int:
 
 def _cmd_data(args: argparse.Namespace) -> int:
     from clipkit.data.builtin import build
+    from clipkit.data.outdir import claim_output_folder
 
+    claim_output_folder(Path(args.out), {"name": args.name})
     summary = build(args.name, Path(args.out))
     print(json.dumps(summary, indent=2))
     return 0
+
+
+def _cmd_data_import(args: argparse.Namespace) -> int:
+    from clipkit.data.importers import ImageOptions, ImportOptions, import_source, summary_line
+    from clipkit.data.importers.wds import BadShards
+
+    opts = ImportOptions(
+        ImageOptions(args.resize, args.resize_mode, args.upscale, args.encode, args.quality, args.min_size),
+        args.shard_size,
+        args.test_fraction,
+        args.split,
+        not args.no_dedup,
+    )
+    try:
+        summary = import_source(
+            Path(args.source),
+            Path(args.out) if args.out else None,
+            args.format,
+            opts,
+            workers=args.workers,
+            rank=args.rank if args.rank is not None else int(os.environ.get("RANK", 0)),
+            world_size=args.world_size if args.world_size is not None else int(os.environ.get("WORLD_SIZE", 1)),
+            images=args.images,
+            image_col=args.image_col,
+            caption_col=args.caption_col,
+            label_col=args.label_col,
+            split_col=args.split_col,
+            templates=_templates(args.templates),
+        )
+    except BadShards as e:
+        print(f"clipkit data import: {e}", file=sys.stderr)
+        return 1
+    print(summary_line(summary, args.out or args.source))
+    return 2 if summary.get("complete") and summary.get("samples") == 0 else 0
+
+
+def _templates(value: str | None) -> list[str] | None:
+    """--templates: a file of templates (one per line) or one template holding {c}."""
+    if value is None:
+        return None
+    if Path(value).is_file():
+        from clipkit.evaluate.run import read_lines
+
+        return read_lines(value, "templates")
+    if "{c}" not in value:
+        raise ValueError(f"--templates {value!r}: neither a file nor a template holding {{c}}")
+    return [value]
+
+
+def _cmd_data_inspect(args: argparse.Namespace) -> int:
+    from clipkit.data.inspect import format_report, inspect_folder
+
+    sheet = None if args.no_sheet else (args.sheet or "")  # "": DIR/contact_sheet.png
+    report = inspect_folder(Path(args.dir), args.samples, sheet, args.max_read)
+    print(json.dumps(report, indent=2, ensure_ascii=False) if args.json else format_report(report))
+    return 0
+
+
+def _cmd_data_validate(args: argparse.Namespace) -> int:
+    from clipkit.data.shards import check_shard_set
+
+    bad, lines = check_shard_set(args.dir)
+    print("\n".join(lines))
+    return 1 if bad else 0
 
 
 def _cmd_models(args: argparse.Namespace) -> int:
@@ -281,6 +356,34 @@ def _add_train_args(t: argparse.ArgumentParser) -> argparse.ArgumentParser:
     t.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     t.set_defaults(fn=_cmd_train, command="train")
     return t
+
+
+def _add_import_args(p: argparse.ArgumentParser) -> None:
+    from clipkit.data.importers import FORMATS
+
+    p.add_argument("source", help="image folder, class folders, table file, COCO/Karpathy JSON, HF folder or shards")
+    p.add_argument("--out", help="shard set folder to write (new, empty or an earlier import of SOURCE)")
+    p.add_argument("--format", choices=["auto", *FORMATS], default="auto", help="source format (default: detected)")
+    p.add_argument("--images", help="image folder of a COCO or Karpathy JSON (default: beside the JSON)")
+    p.add_argument("--image-col", help="table column of image paths (default: filepath, image, file_name, ...)")
+    p.add_argument("--caption-col", help="table column of captions (default: title, caption, text, ...)")
+    p.add_argument("--label-col", help="table column of labels (default: 'label' if present)")
+    p.add_argument("--split-col", help="table column of splits (default: 'split' if present)")
+    p.add_argument("--split", help="import only this split (e.g. test of a Karpathy JSON)")
+    p.add_argument("--templates", help="class-caption templates: a file, or one template with {c}")
+    p.add_argument("--resize", type=int, help="target side in pixels (default: keep the size)")
+    p.add_argument("--resize-mode", choices=["keep", "center-crop", "border"], default="keep")
+    p.add_argument("--upscale", action="store_true", help="also enlarge images smaller than --resize")
+    p.add_argument("--encode", choices=["keep", "jpg", "png"], default="keep")
+    p.add_argument("--quality", type=int, default=95, help="JPEG quality")
+    p.add_argument("--min-size", type=int, default=0, help="skip images whose shorter side is smaller")
+    p.add_argument("--shard-size", type=int, default=1000, help="samples per tar")
+    p.add_argument("--test-fraction", type=float, default=0.0, help="hash-split share of test (no source split)")
+    p.add_argument("--no-dedup", action="store_true", help="keep exact duplicate images")
+    p.add_argument("--workers", type=int, default=2, help="image processes (0: none)")
+    p.add_argument("--rank", type=int, help="this process's rank (default: $RANK or 0)")
+    p.add_argument("--world-size", type=int, help="number of processes (default: $WORLD_SIZE or 1)")
+    p.set_defaults(fn=_cmd_data_import)
 
 
 def make_parser() -> argparse.ArgumentParser:
@@ -382,8 +485,20 @@ def make_parser() -> argparse.ArgumentParser:
     dsub = d.add_subparsers(dest="action", required=True)
     db = dsub.add_parser("build")
     db.add_argument("name", choices=["emoji", "fashion-mnist", "digits", "openclipart"])
-    db.add_argument("--out", required=True)
+    db.add_argument("--out", required=True, help="new or empty folder, or an earlier build of the same dataset")
     db.set_defaults(fn=_cmd_data)
+    _add_import_args(dsub.add_parser("import", help="your own images + captions -> a shard set (docs/data.md)"))
+    di = dsub.add_parser("inspect", help="counts, distributions, skip reasons and a contact sheet of a shard set")
+    di.add_argument("dir", help="shard set folder")
+    di.add_argument("--json", action="store_true", help="print the report as JSON")
+    di.add_argument("--samples", type=int, default=24, help="images on the contact sheet")
+    di.add_argument("--sheet", help="contact sheet PNG path (default: DIR/contact_sheet.png)")
+    di.add_argument("--no-sheet", action="store_true", help="do not draw the contact sheet")
+    di.add_argument("--max-read", type=int, default=20000, help="samples read for the distributions (spread evenly)")
+    di.set_defaults(fn=_cmd_data_inspect)
+    dv = dsub.add_parser("validate", help="read every shard to the end; exit 1 naming truncated or miscounted ones")
+    dv.add_argument("dir", help="shard set folder or shard spec")
+    dv.set_defaults(fn=_cmd_data_validate)
 
     ms = sub.add_parser("models", help="list the open_clip architectures a recipe can name")
     ms.add_argument("--all", action="store_true", help="also those whose HF text tower is only on the hub")

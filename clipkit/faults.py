@@ -8,6 +8,7 @@ tests), every check is a dictionary lookup on an empty dict.
   complete (a machine lost mid-write).
 - `nan_grad@k`: the gradients of step k are set to NaN before the optimizer step.
 - `stall_data@k`: the data of step k never comes (a stalled file system).
+- `sigkill_in_import@k`: SIGKILL while `clipkit data import` writes its k-th shard, after the shard's first sample.
 """
 
 from __future__ import annotations

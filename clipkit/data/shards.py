@@ -293,3 +293,40 @@ def validate_shards(paths: Iterable[str | Path]) -> dict[str, dict]:
             sizes[path.parent] = _load_sizes(path.parent)
         report[str(path)] = _validate_shard(path, sizes[path.parent].get(path.name))
     return report
+
+
+def check_shard_set(spec: str) -> tuple[list[str], list[str]]:
+    """Reads every shard of a spec to the end and checks it against its folder's ``sizes.json``.
+
+    Bad: a shard that cannot be read to the end (truncated, corrupt), whose sample count differs from ``sizes.json``
+    or is not listed there, holding samples without an image or caption, or listed in ``sizes.json`` but missing.
+
+    Args:
+        spec: A shard spec (see :func:`expand_shards`).
+
+    Returns:
+        (paths of the bad shards, one report line per shard plus a closing line).
+    """
+    paths = expand_shards(spec)
+    report = validate_shards(paths)
+    bad, lines = [], []
+    for path, r in report.items():
+        listed = Path(path).name in _load_sizes(Path(path).parent)
+        problems = ([r["error"]] if r["error"] else []) + r["bad"]
+        if not listed:
+            problems.append(f"not listed in {SIZES_FILE}")
+        if problems:
+            bad.append(path)
+            shown = "; ".join(problems[:5]) + (f"; and {len(problems) - 5} more" if len(problems) > 5 else "")
+            lines.append(f"BAD {path}: {r['samples']} samples read; {shown}")
+        else:
+            lines.append(f"ok  {path}: {r['samples']} samples")
+    for folder in sorted({Path(p).parent for p in paths}):
+        for name in sorted(_load_sizes(folder)):
+            if not (folder / name).is_file():
+                bad.append(str(folder / name))
+                lines.append(f"BAD {folder / name}: listed in {SIZES_FILE} but missing")
+    total = sum(r["samples"] for r in report.values())
+    verdict = f"{len(bad)} bad: {', '.join(Path(b).name for b in bad)}" if bad else "all good"
+    lines.append(f"{len(paths)} shards, {total} samples: {verdict}")
+    return bad, lines
