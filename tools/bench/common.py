@@ -20,6 +20,8 @@ from pathlib import Path
 
 import torch
 
+from clipkit.files import write_json_atomic
+
 LOCK_PATH = "/tmp/clipkit-bench.lock"
 ROOT = Path(__file__).resolve().parents[2]
 QUICKSTART = ROOT / "recipes" / "quickstart.yaml"
@@ -118,10 +120,12 @@ def default_threads(workers: int) -> int:
 
 
 def thread_env(threads: int) -> dict:
-    """The environment of a benchmark child process: offline, and `threads` intra-op threads."""
+    """The environment of a benchmark child process: offline, `threads` intra-op threads, and this checkout on
+    PYTHONPATH (children run as `python -m tools.bench.<module>` from any folder)."""
     n = str(threads)
+    path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
     return dict(os.environ, OMP_NUM_THREADS=n, MKL_NUM_THREADS=n, HF_HUB_OFFLINE="1", WANDB_MODE="offline",
-                TOKENIZERS_PARALLELISM="false")  # fmt: skip
+                TOKENIZERS_PARALLELISM="false", PYTHONPATH=path)  # fmt: skip
 
 
 def machine() -> dict:
@@ -246,7 +250,7 @@ def write_json(path: str | None, obj: dict) -> None:
     """Writes a benchmark's results (indented JSON) when --json was given, creating its folder."""
     if path:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
-        Path(path).write_text(json.dumps(obj, indent=2))
+        write_json_atomic(path, obj, sort_keys=False)
 
 
 def log(msg: str) -> None:
