@@ -175,3 +175,14 @@ def test_compiled_training_saves_plain_keys(tmp_path, digits_dir):
     keys = set(load_file(str(tmp_path / "run/model/open_clip_model.safetensors")))
     assert keys == set(open_clip.CLIP(**TINY_MODEL).state_dict()) and not any("_orig_mod" in k for k in keys)
     assert (tmp_path / "run/checkpoints/step-00000002/COMPLETE").exists()
+
+
+def test_docs_table_holds_every_measured_configuration_rounded_from_its_json():
+    """docs/benchmarks.md shows each row `python -m tools.bench.report` prints from docs/bench/*.json, unedited."""
+    from tools.bench.report import ROWS, table
+
+    doc = (ROOT / "docs" / "benchmarks.md").read_text()
+    rows = table(ROOT / "docs" / "bench").splitlines()
+    assert len(rows) == 2 + len(ROWS), "a JSON file of the table is missing from docs/bench"
+    missing = [r for r in rows if r not in doc]
+    assert not missing, f"not in docs/benchmarks.md: {missing}"

@@ -40,9 +40,8 @@ PHOTO224_MODEL = {
 def photo224_model(width: int) -> dict:
     """PHOTO224_MODEL with both towers `width` wide (2 layers each): the model-cost sweep of the JPEG benchmark.
 
-    At 224 px the patch embedding (3072 inputs a patch) dominates, so the cost grows about linearly with the width:
-    1.6, 2.4 and 3.3 ms a sample (forward, backward, AdamW on one core) at widths 64, 96 and 128, against 2.3 ms
-    (clipkit) and 4.7 ms (open_clip_train) to load a sample: the sweep crosses from loader-bound to model-bound.
+    At 224 px the patch embedding (3072 inputs a patch) dominates, so the cost grows about linearly with the width,
+    and the sweep crosses from loader-bound to model-bound (bench_step measures each width's step).
     """
     cfg = json.loads(json.dumps(PHOTO224_MODEL))
     cfg["vision_cfg"]["width"] = cfg["text_cfg"]["width"] = width
@@ -113,8 +112,7 @@ def default_threads(workers: int) -> int:
     """Intra-op threads that leave a core to each loader worker: cores - workers, at least 1.
 
     Both sides of every comparison get the same count (OMP_NUM_THREADS). More threads than free cores make each
-    parallel region wait for a descheduled thread: on the 2-core machine with one loader worker and another job
-    running, a 2-thread forward + backward took 4.0 s where 1 thread took 0.5 s.
+    parallel region wait for a descheduled thread (docs/benchmarks.md, `train.threads=2` beside one worker).
     """
     return max(1, (os.cpu_count() or 1) - workers)
 
