@@ -33,9 +33,11 @@ benchmark's (the second side finds warm caches).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
+import platform
 import statistics
 import subprocess
 import sys
@@ -151,10 +153,20 @@ def metrics_equal(a: dict, b: dict) -> bool:
     return all(a[k] == b[k] or (math.isnan(a[k]) and math.isnan(b[k])) for k in METRIC_KEYS)
 
 
+def machine() -> dict:
+    """Where and when the runs were measured (the parent imports no torch: the sides report their versions)."""
+    cpu = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError):
+        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(),
+            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}  # fmt: skip
+
+
 def summarize(pairs: list[dict], spec: dict) -> dict:
     """The report: settings, every run, the median ratio and whether every run's metrics were equal."""
     ratios = [p["ratio"] for p in pairs]
     return {
+        "machine": machine(),
         "settings": {k: v for k, v in spec.items() if k not in ("classnames", "templates")}
         | {"n_classes": len(spec["classnames"]), "n_templates": len(spec["templates"])},
         "implementations": {s: pairs[0][s]["implementation"] for s in SIDES},
