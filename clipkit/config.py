@@ -143,8 +143,8 @@ class TrainCfg:
         betas: AdamW betas.
         eps: AdamW epsilon.
         grad_clip: max global grad norm (0 = off).
-        precision: "fp32", or "bf16" autocast (for GPUs; on a CPU without AMX it is slower than fp32: 0.47x on an
-            AVX-512-bf16 Xeon, docs/benchmarks.md).
+        precision: "fp32", or "bf16" autocast (for GPUs; on a CPU without AMX it is slower than fp32,
+            docs/benchmarks.md).
         loss: "clip" (symmetric InfoNCE) or "siglip" (sigmoid).
         local_loss: each process computes its rows against all columns (True), or the full global matrix.
         gather_with_grad: all-gather features with autograd (exact gradients). Only False to reproduce

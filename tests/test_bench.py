@@ -25,11 +25,11 @@ from clipkit.data.pipeline import FastCrop, decode_image
 from tests.conftest import TINY_MODEL
 
 ROOT = Path(__file__).resolve().parents[1]
-BENCH = ROOT / "tools" / "bench"
 
 
-def run_tool(script: str, *args: str, timeout: int = 300) -> str:
-    proc = subprocess.run([sys.executable, str(BENCH / script), *args], capture_output=True, text=True,
+def run_tool(module: str, *args: str, timeout: int = 300) -> str:
+    """Runs `python -m tools.bench.<module>` from the repository root, as docs/benchmarks.md does."""
+    proc = subprocess.run([sys.executable, "-m", f"tools.bench.{module}", *args], capture_output=True, text=True,
                           timeout=timeout, cwd=ROOT)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc.stdout
@@ -39,7 +39,7 @@ def run_tool(script: str, *args: str, timeout: int = 300) -> str:
 def photos(tmp_path_factory, digits_dir):
     """Eight small JPEG "photos" composed from the real digits images."""
     out = tmp_path_factory.mktemp("photos")
-    run_tool("make_photo_shards.py", "--source", str(digits_dir / "train-*.tar"), "--out", str(out), "--n", "8",
+    run_tool("make_photo_shards", "--source", str(digits_dir / "train-*.tar"), "--out", str(out), "--n", "8",
              "--per-shard", "4", "--min-side", "64", "--max-side", "96")  # fmt: skip
     return out
 
@@ -51,7 +51,7 @@ def test_make_photo_shards_writes_captioned_jpegs(photos):
 
 
 def test_bench_loader_prints_a_ratio(photos, tmp_path):
-    out = run_tool("bench_loader.py", "--data", str(photos / "photos-*.tar"), "--batch", "4", "--batches", "2",
+    out = run_tool("bench_loader", "--data", str(photos / "photos-*.tar"), "--batch", "4", "--batches", "2",
                    "--skip", "1", "--pairs", "1", "--workers", "0", "--lock", "",
                    "--json", str(tmp_path / "l.json"))  # fmt: skip
     assert re.search(r"loader ratio clipkit/open_clip_train \(median of 1\): \d+\.\d+", out), out
@@ -63,7 +63,7 @@ def test_bench_loader_prints_a_ratio(photos, tmp_path):
 def test_bench_train_prints_ratio_and_mfu_and_plots(photos, tmp_path):
     cfg = tmp_path / "tiny.json"
     cfg.write_text(json.dumps(TINY_MODEL))
-    out = run_tool("bench_train.py", "--model-config", str(cfg), "--data", str(photos / "photos-*.tar"), "--batch",
+    out = run_tool("bench_train", "--model-config", str(cfg), "--data", str(photos / "photos-*.tar"), "--batch",
                    "4,8", "--steps", "4", "--skip", "1", "--warmup", "1", "--pairs", "1", "--workers", "0", "--lock",
                    "", "--json", str(tmp_path / "t.json"))  # fmt: skip
     assert re.search(r"ratio clipkit/open_clip_train at batch 8 \(median of 1\): \d+\.\d+", out), out
@@ -71,26 +71,24 @@ def test_bench_train_prints_ratio_and_mfu_and_plots(photos, tmp_path):
     result = json.loads((tmp_path / "t.json").read_text())
     assert [r["batch"] for r in result["results"]] == [4, 8] and result["results"][0]["flops_per_sample"] > 0
     for by in ("batch", "flops"):
-        run_tool("plot_throughput.py", str(tmp_path / "t.json"), "--by", by, "--out", str(tmp_path / f"{by}.png"))
+        run_tool("plot_throughput", str(tmp_path / "t.json"), "--by", by, "--out", str(tmp_path / f"{by}.png"))
         assert Image.open(tmp_path / f"{by}.png").size[0] > 100
 
 
 def test_bench_variants_optim_step_and_stages_print_their_figures(photos, tmp_path):
     cfg = tmp_path / "tiny.json"
     cfg.write_text(json.dumps(TINY_MODEL))
-    out = run_tool("bench_variants.py", "--model-config", str(cfg), "--data", str(photos / "photos-*.tar"),
+    out = run_tool("bench_variants", "--model-config", str(cfg), "--data", str(photos / "photos-*.tar"),
                    "--batch", "4", "--steps", "3", "--skip", "1", "--warmup", "1", "--rounds", "1", "--workers", "0",
                    "--lock", "", "--variant", "fast=", "--variant", "pil=data.fast_images=false")  # fmt: skip
     assert re.search(r"pil: median [\d.]+ samples/s \[[\d.]+\] \(MFU [\d.]+%\); x\d+\.\d+ of fast", out), out
-    out = run_tool("bench_optim.py", "--model-config", str(cfg), "--rounds", "1", "--steps", "1", "--lock", "")
+    out = run_tool("bench_optim", "--model-config", str(cfg), "--rounds", "1", "--steps", "1", "--lock", "")
     assert re.search(r"fused: [\d.]+ ms a step", out), out
-    out = run_tool("bench_step.py", "--model-config", str(cfg), "--batch", "4", "--repeats", "1", "--profile", "3",
+    out = run_tool("bench_step", "--model-config", str(cfg), "--batch", "4", "--repeats", "1", "--profile", "3",
                    "--lock", "")  # fmt: skip
     assert re.search(r"tiny: [\d.]+ ms a step of 4, [\d.]+ ms a sample, [\d.]+ samples/s, MFU [\d.]+%", out), out
     assert len(re.findall(r"^  \S.* +[\d.]+ ms a step \(\d+ calls\)$", out, re.M)) == 3, out  # any op kind
-    out = run_tool(
-        "bench_stages.py", "--data", str(photos / "photos-*.tar"), "--n", "8", "--repeats", "1", "--lock", ""
-    )
+    out = run_tool("bench_stages", "--data", str(photos / "photos-*.tar"), "--n", "8", "--repeats", "1", "--lock", "")
     assert re.search(r"sum, open_clip_train stages: [\d.]+ ms; clipkit stages .*: [\d.]+ ms an image", out), out
 
 
@@ -177,3 +175,14 @@ def test_compiled_training_saves_plain_keys(tmp_path, digits_dir):
     keys = set(load_file(str(tmp_path / "run/model/open_clip_model.safetensors")))
     assert keys == set(open_clip.CLIP(**TINY_MODEL).state_dict()) and not any("_orig_mod" in k for k in keys)
     assert (tmp_path / "run/checkpoints/step-00000002/COMPLETE").exists()
+
+
+def test_docs_table_holds_every_measured_configuration_rounded_from_its_json():
+    """docs/benchmarks.md shows each row `python -m tools.bench.report` prints from docs/bench/*.json, unedited."""
+    from tools.bench.report import ROWS, table
+
+    doc = (ROOT / "docs" / "benchmarks.md").read_text()
+    rows = table(ROOT / "docs" / "bench").splitlines()
+    assert len(rows) == 2 + len(ROWS), "a JSON file of the table is missing from docs/bench"
+    missing = [r for r in rows if r not in doc]
+    assert not missing, f"not in docs/benchmarks.md: {missing}"

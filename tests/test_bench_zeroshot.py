@@ -10,11 +10,11 @@ the real package in separate processes, as the benchmark does.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import os
 import subprocess
+import sys
 import tarfile
 from pathlib import Path
 
@@ -25,14 +25,12 @@ from clipkit.data.shards import write_shards
 from tests.conftest import TINY_MODEL
 
 REPO = Path(__file__).resolve().parents[1]
-BENCH = REPO / "tools/bench/bench_zeroshot.py"
 
 
 def _load_bench():
-    spec = importlib.util.spec_from_file_location("bench_zeroshot", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    from tools.bench import bench_zeroshot
+
+    return bench_zeroshot
 
 
 @pytest.fixture(scope="module")
@@ -191,7 +189,13 @@ def _check_report(report: dict, runs: int) -> None:
         assert ck["seconds"] > 0 and cb["seconds"] > 0
         assert math.isclose(pair["ratio"], cb["seconds"] / ck["seconds"])
         assert ck["metrics"] == cb["metrics"] and pair["metrics_equal"]
-    assert report["metrics_equal"] and math.isfinite(report["median_ratio"]) and report["median_ratio"] > 0
+        assert ck["torch_threads"] == cb["torch_threads"] == [report["settings"]["threads"]] and pair["threads_equal"]
+    assert (
+        report["metrics_equal"]
+        and report["threads_equal"]
+        and math.isfinite(report["median_ratio"])
+        and report["median_ratio"] > 0
+    )
 
 
 def test_bench_smoke_prints_ratio_and_equal_metrics(model_dir, three_shards, tmp_path, capsys, workers=2):
@@ -235,7 +239,8 @@ def test_bench_against_real_clip_benchmark_in_separate_processes(model_dir, thre
     if cb_python is None:
         pytest.skip("no CLIP_benchmark venv (set CLIPKIT_CB_PYTHON; see tools/compare_clip_benchmark.py to make one)")
     out = tmp_path / "bench.json"
-    cmd = ["python", str(BENCH), *_bench_args(model_dir, three_shards, 1, 2, out), "--cb-python", cb_python]
+    cmd = [sys.executable, "-m", "tools.bench.bench_zeroshot", *_bench_args(model_dir, three_shards, 1, 2, out),
+           "--cb-python", cb_python]  # fmt: skip
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
     assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
     report = json.loads(out.read_text())

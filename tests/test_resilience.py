@@ -97,6 +97,10 @@ def test_two_processes_preempted_and_resumed_equal_uninterrupted(tmp_path, digit
     assert json.loads((b / "summary.json").read_text())["preempted_at"] == 3
     resumed = run_cli(["train", str(recipe), "--out", str(b), "--resume", "latest"], nproc=2)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
+    # It continued from the step-3 checkpoint: a restart from step 0 would end with the same weights.
+    assert "resumed from" in resumed.stderr and "step-00000003 at step 3" in resumed.stderr
+    logged = [json.loads(line)["step"] for line in (b / "metrics.jsonl").read_text().splitlines() if "loss" in line]
+    assert logged == [1, 2, 3, 4, 5, 6]
     assert_bitwise_equal(weights(b), weights(a))
 
 

@@ -208,17 +208,37 @@ def wds_zeroshot_loader(shards: list[str], transform, classnames: list[str], bat
     return CountingLoader(loader)
 
 
+def record_threads(model: torch.nn.Module) -> set[int]:
+    """Wraps `model.encode_image` to record torch's intra-op thread count at each call; returns the (live) set.
+
+    Both sides of tools/bench/bench_zeroshot.py report the counts their images were encoded with, so the benchmark
+    can check that they were equal.
+    """
+    seen: set[int] = set()
+    encode = model.encode_image
+
+    def encode_image(*args, **kwargs):
+        seen.add(torch.get_num_threads())
+        return encode(*args, **kwargs)
+
+    model.encode_image = encode_image
+    return seen
+
+
 def bench_zeroshot(spec: dict) -> dict:
     """One timed zero-shot evaluation, CLIP_benchmark's way; spec as written by tools/bench/bench_zeroshot.py.
 
     The model is loaded (open_clip `local-dir:`) before the clock starts; the clock covers building the loader,
     the class embeddings (tokenize + encode every prompt), every image (read, decode, transform, encode) and the
-    metrics, i.e. everything `zeroshot_classification.evaluate` and its loader do.
+    metrics, i.e. everything `zeroshot_classification.evaluate` and its loader do. The model runs on
+    spec["threads"] torch threads (DataLoader workers run on 1 each, torch's setting in a worker).
     """
     evaluate, implementation = zeroshot_evaluate_impl(spec.get("reference", False))
     model, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{spec['checkpoint']}")
     tokenizer = open_clip.get_tokenizer(f"local-dir:{spec['checkpoint']}")
     model.eval()
+    torch.set_num_threads(spec["threads"])
+    threads = record_threads(model)
     start = time.perf_counter()
     loader = wds_zeroshot_loader(spec["shards"], preprocess, spec["classnames"], spec["batch_size"], spec["workers"])
     metrics = evaluate(model, loader, tokenizer, spec["classnames"], spec["templates"], "cpu", amp=False)
@@ -228,7 +248,7 @@ def bench_zeroshot(spec: dict) -> dict:
         "n_images": loader.n_images,
         "metrics": {k: float(v) for k, v in metrics.items()},
         "implementation": implementation,
-        "torch_threads": torch.get_num_threads(),
+        "torch_threads": sorted(threads),
         "versions": versions(),
     }
 

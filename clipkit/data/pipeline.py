@@ -138,8 +138,8 @@ def decode_image(sample: dict) -> Image.Image:
 def decode_jpeg_tensor(data: bytes, name: str = "JPEG") -> torch.Tensor:
     """A JPEG as uint8 [3, H, W] (grey and CMYK converted to RGB, as PIL would); raises SkipSample.
 
-    torchvision's libjpeg-turbo decoder writes straight into the tensor: for a 384 px photo, 1.1 ms against 1.8 ms
-    for PIL's decode plus the copy out of PIL's image memory (one core), with the same pixels.
+    torchvision's libjpeg-turbo decoder writes straight into the tensor, with the same pixels as PIL's decode and
+    without its copy out of PIL's image memory (faster: docs/benchmarks.md, per-stage costs).
     """
     try:
         return decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
@@ -172,8 +172,8 @@ class FastCrop:
       at least k times the output in both sides (a 1024 px photo cropped to 224 px decodes 1/16 of its pixels), then
       cropped and resized by PIL from there;
     - other JPEGs are decoded by torchvision straight into a tensor (`decode_jpeg_tensor`), and crop and resize run
-      on the uint8 tensor (torch's vectorized antialiased kernels: ~0.7 ms against PIL's ~1.4 ms for a 384 px photo
-      to 224 px bicubic, one core), with values within a fraction of a level of PIL's on average;
+      on the uint8 tensor (torch's vectorized antialiased kernels, faster than PIL's: docs/benchmarks.md, per-stage
+      costs), with values within a fraction of a level of PIL's on average;
     - normalization runs once per batch (`normalize`), in the loader worker or on the training device.
 
     Attributes:
@@ -248,9 +248,8 @@ class FastCrop:
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 [B, 3, H, W] -> float32 (x / 255 - mean) / std, on the batch's device.
 
-        Channel by channel with scalar operands, torch's fastest elementwise loops: 11 ms for 64 images of 224 px
-        on one CPU core, against 41 ms for one broadcast multiply-add over the batch (and ~0.5 ms an image for
-        torchvision's per-image ToTensor + Normalize).
+        Channel by channel with scalar operands, torch's fastest elementwise loops: on a CPU several times faster
+        than one broadcast multiply-add over the batch, and than torchvision's per-image ToTensor + Normalize.
         """
         out = torch.empty(images.shape, dtype=torch.float32, device=images.device)
         for c, (m, s) in enumerate(zip(self.mean, self.std, strict=True)):

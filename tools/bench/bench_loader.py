@@ -11,8 +11,8 @@ objects (open_clip's, built from the model config's preprocess settings), batch 
 Each side runs in a fresh process; batches after the first --skip (worker start, shuffle-buffer fill) are timed.
 Pairs alternate their order and hold the machine-wide benchmark lock; the last line is the ratio (median).
 
-    python tools/bench/make_photo_shards.py --out /tmp/clipkit-bench/photos --n 4000
-    python tools/bench/bench_loader.py --data '/tmp/clipkit-bench/photos/photos-*.tar' --pairs 3
+    python -m tools.bench.make_photo_shards --out /tmp/clipkit-bench/photos --n 4000
+    python -m tools.bench.bench_loader --data '/tmp/clipkit-bench/photos/photos-*.tar' --pairs 3
 """
 
 from __future__ import annotations
@@ -23,12 +23,9 @@ import os
 import subprocess
 import sys
 import time
-from pathlib import Path
 from types import SimpleNamespace
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from common import (  # noqa: E402
+from tools.bench.common import (
     LOCK_PATH,
     PRESETS,
     bench_lock,
@@ -63,7 +60,8 @@ def clipkit_batches(shards: list[str], transform, tokenizer, a):
 def open_clip_batches(shards: list[str], transform, tokenizer, a):
     """open_clip_train's training batches: (images, tokens) from get_wds_dataset's WebLoader."""
     from open_clip_train.data import get_wds_dataset
-    from runner import patch_open_clip_train_eof
+
+    from tools.bench.runner import patch_open_clip_train_eof
 
     patch_open_clip_train_eof()
     args = SimpleNamespace(
@@ -103,7 +101,7 @@ def measure_side(side: str, a) -> dict:
 
 
 def run_side(side: str, argv: list[str], threads: int) -> dict:
-    cmd = [sys.executable, __file__, "--side", side, *argv]
+    cmd = [sys.executable, "-m", "tools.bench.bench_loader", "--side", side, *argv]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=thread_env(threads))
     if proc.returncode != 0:
         raise SystemExit(f"{side} failed:\n{proc.stderr[-3000:]}")

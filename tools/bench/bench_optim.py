@@ -2,7 +2,7 @@
 gets), foreach (clipkit before), fused (clipkit now). Rounds interleave the three; the best step of each round
 counts, and the median over rounds is printed.
 
-    python tools/bench/bench_optim.py --preset quickstart --threads 1 --rounds 5
+    python -m tools.bench.bench_optim --preset quickstart --threads 1 --rounds 5
 """
 
 from __future__ import annotations
@@ -16,12 +16,9 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from common import LOCK_PATH, PRESETS, bench_lock, log, machine, median, write_json  # noqa: E402
-
-from clipkit.models.factory import bundle_from_config  # noqa: E402
-from clipkit.optim import param_groups  # noqa: E402
+from clipkit.models.factory import bundle_from_config
+from clipkit.optim import param_groups
+from tools.bench.common import LOCK_PATH, PRESETS, bench_lock, log, machine, median, write_json
 
 KINDS = {"for-loop (torch CPU default)": {"foreach": False}, "foreach": {"foreach": True}, "fused": {"fused": True}}
 

@@ -3,7 +3,7 @@
 The stages of bench_loader.py's two pipelines, timed one by one on the same images: the best of --repeats passes
 over --n images for each stage (the passes interleave the stages, so background load hits all alike).
 
-    python tools/bench/bench_stages.py --data '/tmp/clipkit-bench/photos/photos-000000.tar' --size 224
+    python -m tools.bench.bench_stages --data '/tmp/clipkit-bench/photos/photos-000000.tar' --size 224
 """
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ import io
 import json
 import sys
 import time
-from pathlib import Path
 
 import open_clip
 import torch
@@ -21,12 +20,9 @@ import torchvision.transforms as T
 import torchvision.transforms.v2.functional as TF
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from common import LOCK_PATH, bench_lock, log, machine, write_json  # noqa: E402
-
-from clipkit.data.pipeline import FastCrop, decode_jpeg_tensor, read_tar_samples  # noqa: E402
-from clipkit.data.shards import expand_shards  # noqa: E402
+from clipkit.data.pipeline import FastCrop, decode_jpeg_tensor, read_tar_samples
+from clipkit.data.shards import expand_shards
+from tools.bench.common import LOCK_PATH, bench_lock, log, machine, write_json
 
 
 def stages(samples: list[dict], size: int) -> dict:

@@ -6,8 +6,8 @@ threads as a training process beside one loader worker (--threads, default cores
 after one warm-up step, per preset, each preset in turn. `--profile N` adds torch.profiler's table of the N ops with
 the most self time over those steps (ms a step).
 
-    python tools/bench/bench_step.py --preset photo224-w64 --preset photo224-w96 --preset photo224 --batch 64
-    python tools/bench/bench_step.py --preset photo224 --batch 64 --profile 12
+    python -m tools.bench.bench_step --preset photo224-w64 --preset photo224-w96 --preset photo224 --batch 64
+    python -m tools.bench.bench_step --preset photo224 --batch 64 --profile 12
 """
 
 from __future__ import annotations
@@ -21,9 +21,8 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from common import (  # noqa: E402
+from clipkit.optim import make_optimizer
+from tools.bench.common import (
     LOCK_PATH,
     PRESETS,
     bench_lock,
@@ -36,8 +35,6 @@ from common import (  # noqa: E402
     train_flops_per_sample,
     write_json,
 )
-
-from clipkit.optim import make_optimizer  # noqa: E402
 
 
 def step_fn(model_cfg: dict, batch: int):

@@ -13,10 +13,10 @@ device (the GPU if there is one), measured in this run before the pair (common.m
 MFU = FLOPs/sample x samples/s / peak, with FLOPs/sample counted by torch's FlopCounterMode on one forward +
 backward of the model and loss. The last line is the ratio (median of pairs).
 
-    python tools/bench/bench_train.py --preset quickstart --data 'data/fashion-mnist/train-*.tar' --pairs 3
-    python tools/bench/bench_train.py --preset photo224 --data '/tmp/clipkit-bench/photos/photos-*.tar' \
+    python -m tools.bench.bench_train --preset quickstart --data 'data/fashion-mnist/train-*.tar' --pairs 3
+    python -m tools.bench.bench_train --preset photo224 --data '/tmp/clipkit-bench/photos/photos-*.tar' \
         --batch 64 --workers 1 --pairs 3
-    python tools/bench/bench_train.py --preset quickstart --data 'data/fashion-mnist/train-*.tar' \
+    python -m tools.bench.bench_train --preset quickstart --data 'data/fashion-mnist/train-*.tar' \
         --batch 32,64,128,256 --pairs 1 --json docs/images/train_vs_batch.json   # input of plot_throughput.py
 """
 
@@ -33,9 +33,8 @@ from pathlib import Path
 import torch
 import yaml
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from common import (  # noqa: E402
+from clipkit.data.shards import expand_shards
+from tools.bench.common import (
     LOCK_PATH,
     PRESETS,
     bench_lock,
@@ -50,9 +49,7 @@ from common import (  # noqa: E402
     write_json,
 )
 
-from clipkit.data.shards import expand_shards  # noqa: E402
-
-RUNNER = Path(__file__).resolve().parent / "runner.py"
+RUNNER = "tools.bench.runner"
 MODEL_NAME = "clipkit-bench"  # the name open_clip_train knows the registered config by
 
 
@@ -111,7 +108,7 @@ def run_one(
     env = thread_env(a.threads)
     if code:
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [code, env.get("PYTHONPATH")]))
-    cmd = [sys.executable, str(RUNNER), framework, "--times", str(times)]
+    cmd = [sys.executable, "-m", RUNNER, framework, "--times", str(times)]
     if framework == "clipkit":
         recipe = work / "recipe.yaml"
         recipe.write_text(yaml.safe_dump(clipkit_recipe(model_cfg, shards, a, batch)))
@@ -121,7 +118,9 @@ def run_one(
         cfg = work / f"{MODEL_NAME}.json"
         cfg.write_text(json.dumps(model_cfg))
         cmd += ["--model-config", str(cfg), "--", *open_clip_args(shards, a, batch, work / "logs"), *a.open_clip_arg]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    # Run from the job folder: `python -m` puts the current folder first on sys.path, where a checkout's clipkit
+    # would shadow `code`.
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=work)
     if proc.returncode != 0 or not times.is_file():
         raise SystemExit(f"{framework} run failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
     steps = json.loads(times.read_text())["times"]

@@ -4,10 +4,10 @@ The before/after figure of each speed change: every round runs each variant once
 machine-wide benchmark lock; the result is each variant's median samples/s and its ratio to the first variant.
 Settings (model, shards, batch, workers, threads, steps, skipped steps) are bench_train.py's.
 
-    python tools/bench/bench_variants.py --preset photo224 --data '/tmp/clipkit-bench/photos/photos-*.tar' \\
+    python -m tools.bench.bench_variants --preset photo224 --data '/tmp/clipkit-bench/photos/photos-*.tar' \\
         --batch 64 --rounds 3 --variant fast= --variant pil=data.fast_images=false
     # an earlier version of the package: NAME=@FOLDER (a folder that holds clipkit/, e.g. from `git archive`)
-    python tools/bench/bench_variants.py ... --variant now= --variant before=@/tmp/clipkit-base
+    python -m tools.bench.bench_variants ... --variant now= --variant before=@/tmp/clipkit-base
 """
 
 from __future__ import annotations
@@ -21,10 +21,9 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from bench_train import run_one  # noqa: E402
-from common import (  # noqa: E402
+from clipkit.data.shards import expand_shards
+from tools.bench.bench_train import run_one
+from tools.bench.common import (
     LOCK_PATH,
     PRESETS,
     bench_lock,
@@ -36,8 +35,6 @@ from common import (  # noqa: E402
     train_flops_per_sample,
     write_json,
 )
-
-from clipkit.data.shards import expand_shards  # noqa: E402
 
 
 def parse_variant(spec: str) -> tuple[str, list[str], str | None]:

@@ -16,13 +16,16 @@ Both sides load the model folder before the clock starts (clipkit `load_model`, 
 `local-dir:`; the same weights and transform); the clock then covers the whole evaluation: building the loader and
 its workers, the class embeddings (tokenize and encode every class x template prompt), reading, decoding,
 transforming and encoding every image, and the scores and metrics. fp32, CPU, the same batch size and number of
-DataLoader workers on both sides; torch's default thread count at the start of both.
+DataLoader workers on both sides, and the same torch thread count while the model encodes (--threads, default
+cores - workers, at least 1: clipkit's own default; each side reports the counts its images were encoded with and
+the benchmark fails when they differ).
 
-    flock /tmp/clipkit-bench.lock python tools/bench/bench_zeroshot.py --checkpoint runs/quickstart/model \\
+    flock /tmp/clipkit-bench.lock python -m tools.bench.bench_zeroshot --checkpoint runs/quickstart/model \\
         --data 'data/fashion-mnist/test-*.tar' --classnames data/fashion-mnist/classnames.txt \\
         --templates data/fashion-mnist/templates.txt --workers 1 --runs 5 --cb-python /tmp/cbenv/bin/python
 
-Exit status 1 when the metrics of the two sides differ in any run, or the median ratio is below --min-ratio.
+Exit status 1 when the metrics or the model's thread counts of the two sides differ in any run, or the median ratio
+is below --min-ratio.
 `--in-process` runs both sides in this process (no interpreter start-ups: the CI smoke); its timings are not the
 benchmark's (the second side finds warm caches).
 """
@@ -30,10 +33,11 @@ benchmark's (the second side finds warm caches).
 from __future__ import annotations
 
 import argparse
-import importlib.util
+import contextlib
 import json
 import math
 import os
+import platform
 import statistics
 import subprocess
 import sys
@@ -42,7 +46,8 @@ import time
 from pathlib import Path
 
 METRIC_KEYS = ("acc1", "acc5", "mean_per_class_recall")
-WORKER = Path(__file__).resolve().parents[1] / "clip_benchmark_worker.py"
+ROOT = Path(__file__).resolve().parents[2]
+WORKER = ROOT / "tools" / "clip_benchmark_worker.py"
 SIDES = ("clipkit", "clip_benchmark")
 
 
@@ -53,18 +58,23 @@ def clipkit_side(spec: dict) -> dict:
     """One timed clipkit zero-shot evaluation (what `clipkit eval zeroshot` runs), model loaded before the clock.
 
     Args:
-        spec: {"checkpoint", "shards", "classnames", "templates", "batch_size", "workers"}.
+        spec: {"checkpoint", "shards", "classnames", "templates", "batch_size", "workers", "threads"}.
 
     Returns:
-        {"seconds", "n_images", "metrics", "implementation", "torch_threads"}.
+        {"seconds", "n_images", "metrics", "implementation", "torch_threads"}: the thread counts images were
+        encoded with.
     """
     import torch
 
     from clipkit.evaluate import run as evals
     from clipkit.models import load_model
+    from tools.clip_benchmark_worker import record_threads
 
     bundle = load_model(spec["checkpoint"], "cpu")
-    threads = torch.get_num_threads()  # at the start; clipkit's evaluate may lower it while its workers run
+    # clipkit's evaluation gives its model `workers` fewer threads than it finds while the loader workers run
+    # (clipkit.evaluate.embed.threads_beside_workers): start from that many more, so it encodes on spec["threads"].
+    torch.set_num_threads(spec["threads"] + spec["workers"] if spec["workers"] else spec["threads"])
+    threads = record_threads(bundle.model)
     start = time.perf_counter()
     metrics = evals.zeroshot(
         bundle,
@@ -81,7 +91,7 @@ def clipkit_side(spec: dict) -> dict:
         "n_images": metrics["n_samples"],
         "metrics": {k: float(metrics.get(k, math.nan)) for k in METRIC_KEYS},
         "implementation": "clipkit.evaluate.run.zeroshot",
-        "torch_threads": threads,
+        "torch_threads": sorted(threads),
     }
 
 
@@ -93,7 +103,9 @@ def run_side(side: str, spec: dict, cb_python: str | None, in_process: bool) -> 
         json.dump(spec, f)
     try:
         if side == "clipkit":
-            cmd, env = [sys.executable, __file__, "--side-spec", f.name], dict(os.environ)
+            path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+            cmd = [sys.executable, "-m", "tools.bench.bench_zeroshot", "--side-spec", f.name]
+            env = dict(os.environ, PYTHONPATH=path)
         else:
             # CLIP_benchmark's venv must not see this checkout's packages (PYTHONPATH); CI's fallback runs the
             # worker in this interpreter, where its reference loop is used.
@@ -109,11 +121,10 @@ def run_side(side: str, spec: dict, cb_python: str | None, in_process: bool) -> 
 
 
 def _worker_module():
-    """tools/clip_benchmark_worker.py as a module (it is a script, not a package member)."""
-    spec = importlib.util.spec_from_file_location("clip_benchmark_worker", WORKER)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    """tools/clip_benchmark_worker.py as a module (imported here only for --in-process: it imports torch)."""
+    from tools import clip_benchmark_worker
+
+    return clip_benchmark_worker
 
 
 # -------------------------------------------------------------------------------------------------- the runs
@@ -130,6 +141,7 @@ def paired_runs(spec: dict, runs: int, cb_python: str | None, in_process: bool) 
         pair["load_after"] = os.getloadavg()
         pair["ratio"] = pair["clip_benchmark"]["seconds"] / pair["clipkit"]["seconds"]
         pair["metrics_equal"] = metrics_equal(pair["clipkit"]["metrics"], pair["clip_benchmark"]["metrics"])
+        pair["threads_equal"] = pair["clipkit"]["torch_threads"] == pair["clip_benchmark"]["torch_threads"]
         pair["n_images_equal"] = pair["clipkit"]["n_images"] == pair["clip_benchmark"]["n_images"]
         print(format_run(pair), flush=True)
         out.append(pair)
@@ -141,10 +153,20 @@ def metrics_equal(a: dict, b: dict) -> bool:
     return all(a[k] == b[k] or (math.isnan(a[k]) and math.isnan(b[k])) for k in METRIC_KEYS)
 
 
+def machine() -> dict:
+    """Where and when the runs were measured (the parent imports no torch: the sides report their versions)."""
+    cpu = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError):
+        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(),
+            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}  # fmt: skip
+
+
 def summarize(pairs: list[dict], spec: dict) -> dict:
     """The report: settings, every run, the median ratio and whether every run's metrics were equal."""
     ratios = [p["ratio"] for p in pairs]
     return {
+        "machine": machine(),
         "settings": {k: v for k, v in spec.items() if k not in ("classnames", "templates")}
         | {"n_classes": len(spec["classnames"]), "n_templates": len(spec["templates"])},
         "implementations": {s: pairs[0][s]["implementation"] for s in SIDES},
@@ -153,6 +175,7 @@ def summarize(pairs: list[dict], spec: dict) -> dict:
         "ratios": ratios,
         "median_ratio": statistics.median(ratios),
         "metrics_equal": all(p["metrics_equal"] and p["n_images_equal"] for p in pairs),
+        "threads_equal": all(p["threads_equal"] for p in pairs),
         "metrics": pairs[0]["clipkit"]["metrics"],
     }
 
@@ -162,7 +185,8 @@ def format_run(p: dict) -> str:
     return (
         f"run {p['run']} ({p['order'][0]} first): clipkit {ck['seconds']:.2f} s ({ck['n_images'] / ck['seconds']:.0f}"
         f" img/s), CLIP_benchmark {cb['seconds']:.2f} s ({cb['n_images'] / cb['seconds']:.0f} img/s), ratio "
-        f"{p['ratio']:.3f}; metrics equal: {p['metrics_equal']}; load {p['load_before'][0]:.2f} -> "
+        f"{p['ratio']:.3f}; metrics equal: {p['metrics_equal']}; model threads {ck['torch_threads']} / "
+        f"{cb['torch_threads']}; load {p['load_before'][0]:.2f} -> "
         f"{p['load_after'][0]:.2f}"
     )
 
@@ -202,6 +226,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--workers", type=int, default=1, help="DataLoader workers, both sides (CLIP_benchmark's CLI default: 4)"
     )
+    p.add_argument("--threads", type=int, help="model threads, both sides (default: cores - workers, at least 1)")
     p.add_argument("--runs", type=int, default=3, help="pairs of measurements")
     p.add_argument("--cb-python", help="python of a venv with clip-benchmark; default: the reference copy here")
     p.add_argument("--reference", action="store_true", help="use the reference copy even with --cb-python")
@@ -229,15 +254,19 @@ def main(argv: list[str] | None = None) -> int:
         "templates": read_lines(args.templates),
         "batch_size": args.batch_size,
         "workers": args.workers,
+        "threads": args.threads or max(1, (os.cpu_count() or 1) - args.workers),
         "reference": args.reference,
     }
-    print(f"{len(spec['shards'])} shard(s), batch {args.batch_size}, {args.workers} worker(s), {args.runs} run(s)")
+    print(f"{len(spec['shards'])} shard(s), batch {args.batch_size}, {args.workers} worker(s), {spec['threads']} "
+          f"model thread(s), {args.runs} run(s)")  # fmt: skip
     report = summarize(paired_runs(spec, args.runs, args.cb_python, args.in_process), spec)
     print(format_summary(report))
     if args.json:
-        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+        from clipkit.files import write_json_atomic
+
+        write_json_atomic(args.json, report, sort_keys=False)
     too_slow = args.min_ratio is not None and report["median_ratio"] < args.min_ratio
-    return 0 if report["metrics_equal"] and not too_slow else 1
+    return 0 if report["metrics_equal"] and report["threads_equal"] and not too_slow else 1
 
 
 if __name__ == "__main__":

@@ -20,6 +20,8 @@ from pathlib import Path
 
 import torch
 
+from clipkit.files import write_json_atomic
+
 LOCK_PATH = "/tmp/clipkit-bench.lock"
 ROOT = Path(__file__).resolve().parents[2]
 QUICKSTART = ROOT / "recipes" / "quickstart.yaml"
@@ -38,9 +40,8 @@ PHOTO224_MODEL = {
 def photo224_model(width: int) -> dict:
     """PHOTO224_MODEL with both towers `width` wide (2 layers each): the model-cost sweep of the JPEG benchmark.
 
-    At 224 px the patch embedding (3072 inputs a patch) dominates, so the cost grows about linearly with the width:
-    1.6, 2.4 and 3.3 ms a sample (forward, backward, AdamW on one core) at widths 64, 96 and 128, against 2.3 ms
-    (clipkit) and 4.7 ms (open_clip_train) to load a sample: the sweep crosses from loader-bound to model-bound.
+    At 224 px the patch embedding (3072 inputs a patch) dominates, so the cost grows about linearly with the width,
+    and the sweep crosses from loader-bound to model-bound (bench_step measures each width's step).
     """
     cfg = json.loads(json.dumps(PHOTO224_MODEL))
     cfg["vision_cfg"]["width"] = cfg["text_cfg"]["width"] = width
@@ -111,17 +112,18 @@ def default_threads(workers: int) -> int:
     """Intra-op threads that leave a core to each loader worker: cores - workers, at least 1.
 
     Both sides of every comparison get the same count (OMP_NUM_THREADS). More threads than free cores make each
-    parallel region wait for a descheduled thread: on the 2-core machine with one loader worker and another job
-    running, a 2-thread forward + backward took 4.0 s where 1 thread took 0.5 s.
+    parallel region wait for a descheduled thread (docs/benchmarks.md, `train.threads=2` beside one worker).
     """
     return max(1, (os.cpu_count() or 1) - workers)
 
 
 def thread_env(threads: int) -> dict:
-    """The environment of a benchmark child process: offline, and `threads` intra-op threads."""
+    """The environment of a benchmark child process: offline, `threads` intra-op threads, and this checkout on
+    PYTHONPATH (children run as `python -m tools.bench.<module>` from any folder)."""
     n = str(threads)
+    path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
     return dict(os.environ, OMP_NUM_THREADS=n, MKL_NUM_THREADS=n, HF_HUB_OFFLINE="1", WANDB_MODE="offline",
-                TOKENIZERS_PARALLELISM="false")  # fmt: skip
+                TOKENIZERS_PARALLELISM="false", PYTHONPATH=path)  # fmt: skip
 
 
 def machine() -> dict:
@@ -246,7 +248,7 @@ def write_json(path: str | None, obj: dict) -> None:
     """Writes a benchmark's results (indented JSON) when --json was given, creating its folder."""
     if path:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
-        Path(path).write_text(json.dumps(obj, indent=2))
+        write_json_atomic(path, obj, sort_keys=False)
 
 
 def log(msg: str) -> None:

@@ -5,7 +5,7 @@ photos, not of flat clip art), with 1-3 real images from a source shard set (Emo
 pasted at random scales and places. Width and height are drawn independently from [256, 512]. The caption names
 what is in the picture, from the sources' first caption lines: "a photo of <a> and <b>".
 
-    python tools/bench/make_photo_shards.py --source 'data/emoji/train-*.tar' --out /tmp/clipkit-bench/photos \
+    python -m tools.bench.make_photo_shards --source 'data/emoji/train-*.tar' --out /tmp/clipkit-bench/photos \
         --n 4000 --per-shard 500
 
 Output: `<out>/photos-%06d.tar` + `sizes.json` (clipkit's shard writer), and `<out>/stats.json` (count, mean

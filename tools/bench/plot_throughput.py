@@ -6,9 +6,9 @@ Against model cost (`--by flops`): one panel, one point per JSON file (the same 
 different width), samples/s against GFLOP per sample, each labelled with the clipkit/open_clip_train ratio: where
 the loader sets the pace and where the model does.
 
-    python tools/bench/plot_throughput.py docs/bench/train_vs_batch_quickstart.json \
+    python -m tools.bench.plot_throughput docs/bench/train_vs_batch_quickstart.json \
         docs/bench/train_vs_batch_photo224.json --out docs/images/train_vs_batch.png
-    python tools/bench/plot_throughput.py docs/bench/photo224*.json --by flops --loader docs/bench/loader.json \
+    python -m tools.bench.plot_throughput docs/bench/photo224*.json --by flops --loader docs/bench/loader.json \
         --out docs/images/train_vs_model.png
 """
 
@@ -23,7 +23,7 @@ from statistics import median
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.pyplot as plt
 
 SIDES = (("clipkit", "clipkit", "tab:blue"), ("open_clip", "open_clip_train", "tab:orange"))
 

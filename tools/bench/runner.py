@@ -1,7 +1,7 @@
 """Runs one training job of a benchmark, clipkit or open_clip_train, and writes its optimizer-step timestamps.
 
-    python tools/bench/runner.py clipkit --times T.json -- train RECIPE --out DIR [key=value ...]
-    python tools/bench/runner.py open_clip --times T.json --model-config NAME.json -- [open_clip_train args]
+    python -m tools.bench.runner clipkit --times T.json -- train RECIPE --out DIR [key=value ...]
+    python -m tools.bench.runner open_clip --times T.json --model-config NAME.json -- [open_clip_train args]
 
 Both get the same clock (common.StepClock: torch's global optimizer-step hook), installed before the framework
 starts. The open_clip side also
@@ -15,11 +15,8 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from common import StepClock  # noqa: E402
+from tools.bench.common import StepClock
 
 
 def patch_open_clip_train_eof() -> None:
