@@ -395,6 +395,10 @@ def preflight(recipe: Recipe) -> dict[str, list[str]]:
         except FileNotFoundError as e:
             raise RecipeError(f"{key}: {spec!r} under data_root {recipe.data_root!r}: {e}") from None
     for i, t in enumerate(recipe.eval.tasks):
+        try:  # an eval would refuse a truncated or empty shard after training: refuse it before instead
+            evals.refuse_damaged(shards[f"eval.tasks.{i}.shards"])
+        except ValueError as e:
+            raise RecipeError(f"eval.tasks.{i}.shards: {e}") from None
         for name in ("classnames", "templates"):
             value = getattr(t, name)
             if value is not None and not Path(recipe.path(value)).is_file():
@@ -420,7 +424,11 @@ def make_accelerator(recipe: Recipe, out_dir: Path) -> Accelerator:
         )
     if recipe.train.wandb:
         kwargs.update(log_with="wandb", project_dir=str(out_dir))
-    return Accelerator(mixed_precision=precision, cpu=not torch.cuda.is_available(), **kwargs)
+    # step_scheduler_with_optimizer=False: the schedule counts optimizer steps. Accelerate's default steps a prepared
+    # scheduler W times per call (it assumes a data loader split across processes): warmup and cosine W times too fast.
+    return Accelerator(
+        mixed_precision=precision, cpu=not torch.cuda.is_available(), step_scheduler_with_optimizer=False, **kwargs
+    )
 
 
 def build_bundle(recipe: Recipe) -> ModelBundle:
@@ -461,16 +469,17 @@ def run_evals(recipe: Recipe, bundle: ModelBundle, model: torch.nn.Module, out_d
     flat = {}
     was_training = model.training
     model.eval()
-    bundle_eval = ModelBundle(model, bundle.train_transform, bundle.eval_transform, bundle.tokenizer, bundle.config)
+    bundle_eval = replace(bundle, model=model)
     for t in recipe.eval.tasks:
-        if t.task == "zeroshot":
-            classnames = evals.read_lines(recipe.path(t.classnames), "classnames")
-            templates = evals.read_lines(recipe.path(t.templates), "templates") if t.templates else None
-            metrics = evals.zeroshot(
-                bundle_eval, recipe.path(t.shards), classnames, templates, recipe.eval.batch_size, device
-            )
-        else:
-            metrics = evals.retrieval(bundle_eval, recipe.path(t.shards), recipe.eval.batch_size, device)
+        metrics = evals.run_task(
+            bundle_eval,
+            t.task,
+            recipe.path(t.shards),
+            classnames=evals.read_lines(recipe.path(t.classnames), "classnames") if t.classnames else None,
+            templates=evals.read_lines(recipe.path(t.templates), "templates") if t.templates else None,
+            batch_size=recipe.eval.batch_size,
+            device=device,
+        )
         metrics["step"] = step
         evals.write_result(out_dir / "eval" / f"{t.task}-{t.dataset}.json", t.dataset, recipe.name, t.task, metrics)
         flat.update({f"eval/{t.dataset}/{k}": v for k, v in metrics.items() if isinstance(v, float)})
