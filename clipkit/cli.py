@@ -249,7 +249,11 @@ def _add_train_args(t: argparse.ArgumentParser) -> argparse.ArgumentParser:
     t.add_argument("recipe", help="recipe YAML file")
     t.add_argument("overrides", nargs="*", help="dotted.key=value overrides, e.g. train.steps=100")
     t.add_argument("--out", help="run folder (default: runs/<recipe name>)")
-    t.add_argument("--resume", help="'latest' or a checkpoint folder")
+    t.add_argument(
+        "--resume",
+        help="'latest', a checkpoint folder, or 'auto': the newest complete checkpoint if there is one, else from the "
+        "start (what a worker restarted by torchrun does by itself)",
+    )
     t.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     t.set_defaults(fn=_cmd_train, command="train")
     return t

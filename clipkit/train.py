@@ -7,7 +7,6 @@ process and worker; see clipkit/data/pipeline.py): batches are moved to the devi
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import math
@@ -17,7 +16,6 @@ import signal
 import sys
 import time
 from collections import Counter
-from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 
@@ -26,7 +24,7 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
-from clipkit import faults
+from clipkit import distributed, faults, threads
 from clipkit.checkpoint import Progress, find_checkpoint, load_progress, prune_checkpoints, save_checkpoint
 from clipkit.config import Recipe, RecipeError, save_recipe, to_dict
 from clipkit.data.pipeline import Source, TrainStream, train_loader
@@ -194,6 +192,8 @@ def make_accelerator(recipe: Recipe, out_dir: Path) -> Accelerator:
         )
     if recipe.train.wandb:
         kwargs.update(log_with="wandb", project_dir=str(out_dir))
+    distributed.check_elastic_launch()  # before the process group: a restarted group would fail in its init
+    kwargs["kwargs_handlers"] = [distributed.process_group_kwargs(recipe.train.timeout)]
     return Accelerator(mixed_precision=precision, cpu=not torch.cuda.is_available(), **kwargs)
 
 
@@ -275,6 +275,7 @@ class MetricsLog:
 
 def run_evals(recipe: Recipe, bundle: ModelBundle, model: torch.nn.Module, out_dir: Path, step: int, device) -> dict:
     """Runs every eval task of the recipe; writes `<run>/eval/<task>-<dataset>.json`; returns flat metrics."""
+    faults.maybe_raise("eval_error", step)  # tests: an eval that fails on the main process only
     flat = {}
     was_training = model.training
     model.eval()
@@ -295,36 +296,9 @@ def run_evals(recipe: Recipe, bundle: ModelBundle, model: torch.nn.Module, out_d
     return flat
 
 
-@contextlib.contextmanager
-def training_threads(threads: int, workers: int) -> Iterator[int]:
-    """torch's intra-op threads for the run (restored afterwards); yields the count in use.
-
-    Args:
-        threads: train.threads: N > 0 uses N; 0 (auto) on CPU leaves a core to each loader worker: torch's count
-            (one per core, or OMP_NUM_THREADS) minus `workers`, at least 1. With a GPU, auto changes nothing.
-        workers: data.workers.
-
-    Why auto: an OpenMP parallel region waits for its slowest thread, so with the workers decoding on the same cores,
-    a descheduled model thread stalls every layer. The thread count changes float summation order, so a resumed run
-    must use the same count as the run it resumes (auto gives the same count on the same machine and recipe).
-    """
-    before = torch.get_num_threads()
-    if threads > 0:
-        wanted = threads
-    elif workers > 0 and not torch.cuda.is_available():
-        wanted = max(1, before - workers)
-    else:
-        wanted = before
-    torch.set_num_threads(wanted)
-    try:
-        yield wanted
-    finally:
-        torch.set_num_threads(before)
-
-
 def train(recipe: Recipe, out_dir: str | Path, resume: str | None = None) -> dict:
-    """Trains a recipe into `out_dir` and returns the end summary; `_train` does it, on `training_threads`."""
-    with training_threads(recipe.train.threads, recipe.data.workers):
+    """Trains a recipe into `out_dir` and returns the end summary; `_train` does it (torch's thread count restored)."""
+    with threads.using_threads(None):  # _train sets the policy's count once its process group is up
         return _train(recipe, out_dir, resume)
 
 
@@ -342,6 +316,8 @@ def _train(recipe: Recipe, out_dir: str | Path, resume: str | None = None) -> di
     out_dir = Path(out_dir)
     shards = preflight(recipe)  # before any work: a missing file fails in seconds, not after model build
     accelerator = make_accelerator(recipe, out_dir)
+    distributed.apply_thread_policy(accelerator, recipe.train.threads, recipe.data.workers)
+    resume = distributed.agree_resume(accelerator, resume, out_dir)  # one checkpoint (or none) for every process
     main = accelerator.is_main_process
     rank, world_size, device = accelerator.process_index, accelerator.num_processes, accelerator.device
     if recipe.data.batch_size * world_size < 2:
@@ -425,8 +401,9 @@ def _train(recipe: Recipe, out_dir: str | Path, resume: str | None = None) -> di
     bar = tqdm(total=t.steps, initial=progress.step, desc="train", unit="step", disable=not main or None)
     last_time, last_step = time.perf_counter(), progress.step
     loss, preempted, final = torch.zeros(()), None, None
-    with StopSignals() as signals:
+    with StopSignals() as signals, distributed.Watchdog(t.timeout, f"rank {rank}") as watchdog:
         for step in range(progress.step, t.steps):
+            watchdog.pet(step + 1)
             micro = []
             for _ in range(t.accum_freq):
                 batch, (progress.epoch, progress.consumed) = next(batches)
@@ -447,6 +424,7 @@ def _train(recipe: Recipe, out_dir: str | Path, resume: str | None = None) -> di
             )
             done = step + 1
             faults.maybe_signal("sigterm", done, signal.SIGTERM)  # tests: a preemption notice during step `done`
+            faults.maybe_signal("sigkill", done, signal.SIGKILL)  # tests: a process lost mid-run
             if faults.armed("nan_grad", done):
                 next(p for p in model.parameters() if p.grad is not None).grad.fill_(float("nan"))
             # The grad norm is computed anyway for clipping (inf: measure only). A non-finite one skips the step on
