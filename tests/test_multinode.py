@@ -342,3 +342,33 @@ def test_resume_resolution(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
     assert distributed.wanted_resume(None) == "auto"  # a restarted worker resumes by itself
     assert distributed.wanted_resume("latest") == "latest"
+
+
+def load_tool(name: str):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, ROOT / "tools" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_comm_profile_counts_bytes_like_the_tables():
+    tool = load_tool("comm_profile")
+    # W=2, features [8, 32] fp32: all-gather receives the other half, 1 x 8 x 32 x 4 bytes.
+    assert tool.received_bytes("all_gather", 8 * 32, 4, 2) == 1024
+    assert tool.received_bytes("all_reduce", 1000, 4, 4) == 2 * 3 / 4 * 1000 * 4  # ring
+    assert tool.kind_of("all_gather", "float", [8, 32]) == "gather"
+    assert tool.kind_of("all_reduce", "float", [16, 32]) == "scatter"  # gloo's reduce-scatter is an all-reduce
+    assert tool.kind_of("all_reduce", "float", [1000]) == "grads"
+    assert tool.kind_of("all_gather", "unsigned char", [23]) == "other"  # gather_object of skip counts
+
+
+def test_ddp_vs_fsdp_comparison():
+    tool = load_tool("ddp_vs_fsdp")
+    ddp = {s: {"loss": 2.0, "samples_per_s": 100.0} for s in range(1, 11)}
+    fsdp = {s: {"loss": 2.0 * (1 + 1e-5 * s), "samples_per_s": 90.0} for s in range(1, 11)}
+    result = tool.compare(ddp, fsdp, check_steps=5, tol=1e-4)
+    assert result["ok"] and result["steps"] == 10 and result["first_step_above_tol"] is None
+    assert abs(result["max_rel_diff"] - 1e-4) < 1e-12 and result["samples_per_s"] == {"ddp": 100.0, "fsdp": 90.0}
+    assert not tool.compare(ddp, fsdp, check_steps=10, tol=5e-5)["ok"]

@@ -37,6 +37,7 @@ def profile_train(argv: list[str], report: Path) -> int:
     from torch.profiler import ProfilerActivity, profile
 
     from clipkit.cli import main
+    from clipkit.files import write_json_atomic
 
     with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
         status = main(argv)
@@ -53,9 +54,8 @@ def profile_train(argv: list[str], report: Path) -> int:
 
     conditions = {"argv": argv, "torch": torch.__version__, "backend": "nccl" if torch.cuda.is_available() else "gloo",
                   "nnodes": os.environ.get("GROUP_WORLD_SIZE"), "host_cores": os.cpu_count()}  # fmt: skip
-    (report / f"comm-rank{rank}.json").write_text(json.dumps({"rank": rank, "world": world, "steps": steps,
-                                                               "conditions": conditions, "collectives": rows},
-                                                              indent=1))  # fmt: skip
+    record = {"rank": rank, "world": world, "steps": steps, "conditions": conditions, "collectives": rows}
+    write_json_atomic(report / f"comm-rank{rank}.json", record, sort_keys=False)
     return status
 
 
