@@ -25,11 +25,11 @@ from pathlib import Path
 
 import pytest
 import yaml
-from safetensors.torch import load_file
 
 from clipkit import distributed, threads
 from clipkit.checkpoint import COMPLETE
 from tests.conftest import TINY_MODEL
+from tests.test_resilience import assert_bitwise_equal, weights
 
 pytestmark = pytest.mark.dist
 
@@ -154,16 +154,6 @@ def wait_all(*nodes: Node, timeout: float = LAUNCH_TIMEOUT) -> tuple[list[int], 
         time.sleep(0.1)
     codes = [n.wait(timeout=max(1.0, deadline - time.time())) for n in nodes]
     return codes, max(exits.values()) - min(exits.values())
-
-
-def weights(run: Path) -> dict:
-    return load_file(str(run / "model" / "open_clip_model.safetensors"))
-
-
-def assert_bitwise_equal(a: dict, b: dict) -> None:
-    assert a.keys() == b.keys()
-    differ = [k for k in a if not (a[k] == b[k]).all()]
-    assert not differ, f"{len(differ)} of {len(a)} tensors differ, e.g. {differ[:3]}"
 
 
 def report(what: str, start: float) -> None:
