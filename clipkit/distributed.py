@@ -24,6 +24,7 @@ import socket
 import sys
 import threading
 import time
+from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
 
@@ -139,25 +140,26 @@ def resolve_resume(resume: str | None, out_dir: Path) -> str | None:
     return str(find_checkpoint(out_dir, resume))
 
 
-def agree_resume(accelerator: Accelerator, resume: str | None, out_dir: Path) -> str | None:
+def agree_resume(accelerator: Accelerator, resume: str | None, resolve: Callable[[str | None], object]):
     """The checkpoint every process resumes from (or None), decided by the main process for all.
 
     A restarted worker wants "auto" (see `wanted_resume`); if any process wants to resume, all do: after an elastic
-    restart only the failed node's workers know it. The main process then picks the folder, so no process can see
-    a different newest checkpoint (a shared filesystem's caches). Collective: every process calls it.
+    restart only the failed node's workers know it. The main process then resolves the agreed wish, so no process
+    can see a different newest checkpoint (a shared filesystem's caches), and a refusal reaches every process.
+    Collective: every process calls it.
 
     Args:
         accelerator: the run's Accelerator.
         resume: this process's `--resume` value (None, "auto", "latest" or a folder).
-        out_dir: the run folder.
+        resolve: wish -> checkpoint folder or None (e.g. `lambda w: resolve_resume(w, out_dir)`); its ValueError
+            or FileNotFoundError is raised on every process.
 
     Raises:
         LaunchError: the processes were given different explicit `--resume` values.
-        FileNotFoundError: the main process's resolution failed (raised on every process).
     """
     wish = wanted_resume(resume)
     if accelerator.num_processes == 1:
-        return resolve_resume(wish, out_dir)
+        return resolve(wish)
     wishes = gather_object([wish])
     explicit = sorted({w for w in wishes if w not in (None, "auto")})
     if len(explicit) > 1:
@@ -166,13 +168,13 @@ def agree_resume(accelerator: Accelerator, resume: str | None, out_dir: Path) ->
     decision = [None]
     if accelerator.is_main_process:
         try:
-            decision = [("ok", resolve_resume(agreed, out_dir))]
-        except FileNotFoundError as e:
-            decision = [("error", str(e))]
+            decision = [(True, resolve(agreed))]
+        except (ValueError, FileNotFoundError) as e:  # user errors (exit status 2): every process raises them
+            decision = [(False, e)]
     broadcast_object_list(decision)
-    status, value = decision[0]
-    if status == "error":
-        raise FileNotFoundError(value)
+    ok, value = decision[0]
+    if not ok:
+        raise value
     if value is not None and accelerator.is_main_process and wish != agreed:
         log.info("resuming (%s) because another process was restarted by torchrun", agreed)
     return value

@@ -317,7 +317,8 @@ def _train(recipe: Recipe, out_dir: str | Path, resume: str | None = None) -> di
     shards = preflight(recipe)  # before any work: a missing file fails in seconds, not after model build
     accelerator = make_accelerator(recipe, out_dir)
     distributed.apply_thread_policy(accelerator, recipe.train.threads, recipe.data.workers)
-    resume = distributed.agree_resume(accelerator, resume, out_dir)  # one checkpoint (or none) for every process
+    # One checkpoint (or none) for every process, picked by the main process.
+    resume = distributed.agree_resume(accelerator, resume, lambda wish: distributed.resolve_resume(wish, out_dir))
     main = accelerator.is_main_process
     rank, world_size, device = accelerator.process_index, accelerator.num_processes, accelerator.device
     if recipe.data.batch_size * world_size < 2:
