@@ -350,8 +350,9 @@ def _add_train_args(t: argparse.ArgumentParser) -> argparse.ArgumentParser:
     t.add_argument("--out", help="run folder (default: runs/<recipe name>)")
     t.add_argument(
         "--resume",
-        help="'latest' (the newest complete checkpoint), 'auto' (latest if there is one, else a new run: for "
-        "restarts by a scheduler) or a checkpoint folder. Without it, an --out that holds a run is refused",
+        help="'latest' (the newest complete checkpoint), 'auto' (latest if there is one, else a new run: what a "
+        "worker restarted by torchrun does by itself) or a checkpoint folder. Without it, an --out that holds a run "
+        "is refused",
     )
     t.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     t.set_defaults(fn=_cmd_train, command="train")

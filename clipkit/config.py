@@ -173,9 +173,12 @@ class TrainCfg:
         channels_last: keep image batches and conv weights channels-last in memory (NHWC), the layout oneDNN and
             cuDNN convolutions run fastest in. None (default): on for convolutional image towers (more than one
             Conv2d: ResNet, ConvNeXt), off for ViTs, whose only convolution is the patch embedding.
-        threads: torch intra-op threads of each training process. 0 (default): on CPU, torch's count (one per core,
-            or OMP_NUM_THREADS) minus data.workers, at least 1, so model threads and loader workers do not contend
-            for cores; with a GPU, torch's count. Keep it when resuming: it changes float summation order.
+        threads: torch intra-op threads of each training process. 0 (default): clipkit/threads.py's policy, the
+            cores of this process shared by the job's processes on the machine, minus data.workers, at least 1
+            (whatever the launcher put in OMP_NUM_THREADS). Keep it when resuming: it changes float summation order.
+        timeout: seconds a process may wait for the others in a collective, or spend on one step (evals and
+            checkpoint writes included), before the run fails on every process instead of hanging
+            (clipkit/distributed.py). Raise it if one step can take longer, e.g. large evals on the main process.
     """
 
     steps: int = 1000
@@ -203,6 +206,7 @@ class TrainCfg:
     compile: bool = False
     channels_last: bool | None = None
     threads: int = 0
+    timeout: float = 1800.0
 
 
 @dataclass(frozen=True)
@@ -532,6 +536,7 @@ def validate(r: Recipe) -> None:
     need(t.keep_checkpoints >= 0, "train.keep_checkpoints", t.keep_checkpoints, "must be >= 0 (0 = keep all)")
     need(t.max_nonfinite >= 1, "train.max_nonfinite", t.max_nonfinite, "must be >= 1")
     need(t.threads >= 0, "train.threads", t.threads, "must be >= 0 (0 = auto)")
+    need(t.timeout > 0, "train.timeout", t.timeout, "must be positive (seconds)")
     need(0 <= d.max_skip_rate <= 1, "data.max_skip_rate", d.max_skip_rate, "must be in [0, 1]")
 
     e = r.eval

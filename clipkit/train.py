@@ -11,7 +11,6 @@ and the end of the run.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import logging
 import math
@@ -28,7 +27,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 
-from clipkit import faults
+from clipkit import distributed, faults, threads
 from clipkit.checkpoint import Progress, checkpoint_dir, load_progress, prune_checkpoints, save_checkpoint
 from clipkit.config import Recipe, RecipeError, save_recipe, to_dict
 from clipkit.data.pipeline import Source, TrainStream, train_loader
@@ -53,7 +52,7 @@ SIGLIP_INIT = {"init_logit_scale": math.log(10.0), "init_logit_bias": -10.0}  # 
 
 
 def train(recipe: Recipe, out_dir: str | Path, resume: str | None = None) -> dict:
-    """Trains a recipe into `out_dir` and returns the end summary; `_train` does it, on `training_threads`.
+    """Trains a recipe into `out_dir` and returns the end summary (torch's thread count restored afterwards).
 
     The run folder gets: recipe.yaml (resolved), metrics.jsonl, checkpoints/step-N/ (Accelerate state + a model
     folder), model/ (the final model: open_clip-loadable), eval/*.json, summary.json.
@@ -66,7 +65,7 @@ def train(recipe: Recipe, out_dir: str | Path, resume: str | None = None) -> dic
     Raises:
         stopping.Preempted: a stop signal came while the run waited for data (resumable from its last checkpoint).
     """
-    with training_threads(recipe.train.threads, recipe.data.workers):
+    with threads.using_threads(None):  # setup sets the policy's count once the process group is up
         return _train(recipe, Path(out_dir), resume)
 
 
@@ -74,8 +73,10 @@ def _train(recipe: Recipe, out_dir: Path, resume: str | None) -> dict:
     run = setup(recipe, out_dir, resume)
     t, acc = recipe.train, run.accelerator
     loss = torch.zeros(())
-    with StopSignals(DATA_GRACE_S) as signals:
+    watchdog = distributed.Watchdog(t.timeout, f"rank {acc.process_index}")
+    with StopSignals(DATA_GRACE_S) as signals, watchdog:
         for step in range(run.progress.step, t.steps):
+            watchdog.pet(step + 1)
             with signals.waiting_for_data():
                 faults.maybe_stall("stall_data", step + 1)
                 micro = next_micro_batches(run)
@@ -158,9 +159,12 @@ class Run:
 def setup(recipe: Recipe, out_dir: Path, resume: str | None) -> Run:
     """Checks the recipe and the run folder, then builds the accelerator, model, optimizer and data stream."""
     shards = preflight(recipe)  # before any work: a missing file fails in seconds, not after model build
-    ckpt = start_checkpoint(out_dir, resume)  # every process, before any of them writes in the folder
     accelerator = make_accelerator(recipe, out_dir)
     main, rank, world_size = accelerator.is_main_process, accelerator.process_index, accelerator.num_processes
+    distributed.apply_thread_policy(accelerator, recipe.train.threads, recipe.data.workers)
+    # One decision for all processes, before any of them writes in the folder (after an elastic restart only the
+    # failed node's workers know they were restarted).
+    ckpt = distributed.agree_resume(accelerator, resume, lambda wish: start_checkpoint(out_dir, wish))
     if recipe.data.batch_size * world_size < 2:
         raise RecipeError("data.batch_size: a contrastive batch needs at least 2 samples in all")
     changed = check_resume_recipe(recipe, out_dir, ckpt, world_size) if ckpt else []
@@ -279,8 +283,9 @@ def next_micro_batches(run: Run) -> list[tuple[torch.Tensor, ...]]:
 
 
 def inject_faults(model: torch.nn.Module, step: int) -> None:
-    """Tests only (CLIPKIT_FAULT): a preemption notice or NaN gradients during `step`."""
+    """Tests only (CLIPKIT_FAULT): a preemption notice, a lost process or NaN gradients during `step`."""
     faults.maybe_signal("sigterm", step, signal.SIGTERM)
+    faults.maybe_signal("sigkill", step, signal.SIGKILL)  # a process lost mid-run
     if faults.armed("nan_grad", step):
         next(p for p in model.parameters() if p.grad is not None).grad.fill_(float("nan"))
 
@@ -334,6 +339,8 @@ def finish(run: Run, loss: torch.Tensor, ckpt: Path, preempted: bool) -> dict:
         "nonfinite_steps": run.progress.nonfinite,
         "checkpoint": str(ckpt),
     }
+    # The last collective: the main process's final evals and index may outlast train.timeout, so nobody waits for them.
+    acc.wait_for_everyone()
     if preempted:
         summary["preempted_at"] = run.progress.step
         if main:
@@ -356,7 +363,6 @@ def finish(run: Run, loss: torch.Tensor, ckpt: Path, preempted: bool) -> dict:
     if main:
         plot_metrics(out_dir / "metrics.jsonl", out_dir / "metrics.png")
         write_json_atomic(out_dir / "summary.json", summary, sort_keys=False)
-    acc.wait_for_everyone()
     acc.end_training()
     return summary
 
@@ -424,6 +430,8 @@ def make_accelerator(recipe: Recipe, out_dir: Path) -> Accelerator:
         )
     if recipe.train.wandb:
         kwargs.update(log_with="wandb", project_dir=str(out_dir))
+    distributed.check_elastic_launch()  # before the process group: a restarted group would fail in its init
+    kwargs["kwargs_handlers"] = [distributed.process_group_kwargs(recipe.train.timeout)]
     # step_scheduler_with_optimizer=False: the schedule counts optimizer steps. Accelerate's default steps a prepared
     # scheduler W times per call (it assumes a data loader split across processes): warmup and cosine W times too fast.
     return Accelerator(
@@ -466,6 +474,7 @@ def positioned_batches(stream: TrainStream, loader, epoch_len: int, epoch: int =
 
 def run_evals(recipe: Recipe, bundle: ModelBundle, model: torch.nn.Module, out_dir: Path, step: int, device) -> dict:
     """Runs every eval task of the recipe; writes `<run>/eval/<task>-<dataset>.json`; returns flat metrics."""
+    faults.maybe_raise("eval_error", step)  # tests: an eval that fails on the main process only
     flat = {}
     was_training = model.training
     model.eval()
@@ -485,33 +494,6 @@ def run_evals(recipe: Recipe, bundle: ModelBundle, model: torch.nn.Module, out_d
         flat.update({f"eval/{t.dataset}/{k}": v for k, v in metrics.items() if isinstance(v, float)})
     model.train(was_training)
     return flat
-
-
-@contextlib.contextmanager
-def training_threads(threads: int, workers: int) -> Iterator[int]:
-    """torch's intra-op threads for the run (restored afterwards); yields the count in use.
-
-    Args:
-        threads: train.threads: N > 0 uses N; 0 (auto) on CPU leaves a core to each loader worker: torch's count
-            (one per core, or OMP_NUM_THREADS) minus `workers`, at least 1. With a GPU, auto changes nothing.
-        workers: data.workers.
-
-    Why auto: an OpenMP parallel region waits for its slowest thread, so with the workers decoding on the same cores,
-    a descheduled model thread stalls every layer. The thread count changes float summation order, so a resumed run
-    must use the same count as the run it resumes (auto gives the same count on the same machine and recipe).
-    """
-    before = torch.get_num_threads()
-    if threads > 0:
-        wanted = threads
-    elif workers > 0 and not torch.cuda.is_available():
-        wanted = max(1, before - workers)
-    else:
-        wanted = before
-    torch.set_num_threads(wanted)
-    try:
-        yield wanted
-    finally:
-        torch.set_num_threads(before)
 
 
 def build_run_index(recipe: Recipe, bundle: ModelBundle, model: torch.nn.Module, out_dir: Path, device) -> dict:

@@ -143,15 +143,15 @@ def test_eval_rows_embeddings_and_metrics_do_not_depend_on_workers(model_dir, th
 def test_model_threads_restored_after_eval_with_workers(model_dir, three_shards):
     import torch
 
-    from clipkit.evaluate.embed import embed_shards, threads_beside_workers
+    from clipkit.evaluate.embed import embed_shards
     from clipkit.models import load_model
+    from clipkit.threads import available_cores, threads_for, using_threads
 
     bundle = load_model(model_dir)
     before = torch.get_num_threads()
-    with threads_beside_workers("cpu", 1):
-        assert torch.get_num_threads() == max(1, before - 1)
-    with threads_beside_workers("cpu", 0):
-        assert torch.get_num_threads() == before  # no workers: the model keeps every thread
+    with using_threads(threads_for(1)):  # the one policy (clipkit/threads.py): a core for the worker
+        assert torch.get_num_threads() == max(1, available_cores() - 1)
+    assert torch.get_num_threads() == before
     embed_shards(bundle.model, bundle.eval_transform, bundle.tokenizer, _urls(three_shards), 64, workers=2)
     assert torch.get_num_threads() == before
 

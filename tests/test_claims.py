@@ -32,6 +32,7 @@ from clipkit.cli import main
 from clipkit.data.builtin.digits import CLASSNAMES
 from clipkit.data.pipeline import stream_seed
 from clipkit.data.shards import write_shards
+from clipkit.stopping import EXIT_PREEMPTED
 from tests.conftest import TINY_MODEL
 from tests.test_resilience import assert_bitwise_equal, run_cli, weights
 
@@ -199,7 +200,7 @@ def test_resume_under_dropout_equals_the_uninterrupted_run(tmp_path, digits_dir,
     straight = train_in_process(recipe, tmp_path / "straight")
     run = tmp_path / "stopped"
     monkeypatch.setitem(faults._FAULTS, "sigterm", {4})
-    assert main(["train", str(recipe), "--out", str(run)]) == 0
+    assert main(["train", str(recipe), "--out", str(run)]) == EXIT_PREEMPTED
     assert json.loads((run / "summary.json").read_text())["preempted_at"] == 4
     monkeypatch.setitem(faults._FAULTS, "sigterm", set())
     assert_bitwise_equal(train_in_process(recipe, run, "--resume", "latest"), straight)

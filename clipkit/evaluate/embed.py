@@ -10,7 +10,6 @@ import logging
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,6 +29,7 @@ from clipkit.index.embeddings import (
     write_single,
 )
 from clipkit.index.store import IMAGE_EMB_FILE, PARTS_DIR
+from clipkit.threads import threads_for, using_threads
 
 log = logging.getLogger(__name__)
 
@@ -118,8 +118,9 @@ def embed_shards(
         device: where the model lives.
         texts: also embed every caption line (False for zero-shot, where class prompts are the texts).
         desc: progress bar label.
-        workers: DataLoader worker processes reading, decoding and transforming shards (0: this process); on
-            CPU the model gets that many fewer torch threads meanwhile. Rows keep shard order at any count.
+        workers: DataLoader worker processes reading, decoding and transforming shards (0: this process); the
+            model gets that many fewer torch threads meanwhile (clipkit/threads.py). Rows keep shard order at any
+            count.
 
     Raises:
         ValueError: if no sample of the shards is usable.
@@ -165,7 +166,7 @@ def embed_samples(
     else:
         workers = min(workers, len(urls))  # one process per shard at most: the model yields only the cores in use
         batches = iter_shard_batches(urls, transform, batch_size, workers)
-    with threads_beside_workers(device, workers):
+    with using_threads(threads_for(workers)):  # clipkit/threads.py: one policy for training and evaluation
         for batch in batches:
             stats.update(batch["skipped"])
             if shards:
@@ -246,27 +247,6 @@ def iter_shard_batches(urls: Sequence[str], transform: Callable, batch_size: int
         return
     # batch_size=None: the dataset yields whole batches. Workers run with one torch thread (DataLoader's default).
     yield from torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=workers)
-
-
-@contextmanager
-def threads_beside_workers(device: str | torch.device, workers: int) -> Iterator[None]:
-    """On CPU with W > 0 loader workers, runs the body with W fewer torch threads (at least 1), then restores them.
-
-    The workers (one thread each) decode and transform while the model runs; with torch's default thread count
-    (one per core) the model's threads and the workers would contend for the same cores, and an OpenMP thread that
-    loses its core stalls every parallel region (docs/benchmarks.md, "Zero-shot evaluation throughput vs
-    CLIP_benchmark"). The thread count changes no embedding: bitwise equal at 1 and 2 threads on the quickstart
-    model (tests/test_bench_zeroshot.py checks metrics at several worker counts).
-    """
-    threads = torch.get_num_threads()
-    lower = workers > 0 and torch.device(device).type == "cpu" and threads > 1
-    if lower:
-        torch.set_num_threads(max(1, threads - workers))
-    try:
-        yield
-    finally:
-        if lower:
-            torch.set_num_threads(threads)
 
 
 @torch.inference_mode()

@@ -72,7 +72,7 @@ def clipkit_side(spec: dict) -> dict:
 
     bundle = load_model(spec["checkpoint"], "cpu")
     # clipkit's evaluation gives its model `workers` fewer threads than it finds while the loader workers run
-    # (clipkit.evaluate.embed.threads_beside_workers): start from that many more, so it encodes on spec["threads"].
+    # (clipkit.threads): start from that many more, so it encodes on spec["threads"].
     torch.set_num_threads(spec["threads"] + spec["workers"] if spec["workers"] else spec["threads"])
     threads = record_threads(bundle.model)
     start = time.perf_counter()
