@@ -279,10 +279,8 @@ def all_bad_on_rank1(root: Path, digits_dir: Path) -> int:
 
 
 def test_rank_with_only_unusable_data_stops_every_process(tmp_path, digits_dir):
-    """Rank 1 never yields a batch (every sample of its shard is unusable): rank 0 waits in the gradient all-reduce.
-
-    Rank 1's watchdog and rank 0's collective timeout end both within train.timeout of the first step.
-    """
+    """Rank 1 never yields a batch (every sample of its shard is unusable): its pipeline raises, naming the shard,
+    while rank 0 waits in the gradient all-reduce, which times out within train.timeout."""
     seed = all_bad_on_rank1(tmp_path / "shards", digits_dir)
     recipe = write_recipe(tmp_path / "r.yaml", tmp_path / "shards", data={"resampled": False, "shuffle_buffer": 0},
                           timeout=FAIL_TIMEOUT)  # fmt: skip
@@ -292,9 +290,21 @@ def test_rank_with_only_unusable_data_stops_every_process(tmp_path, digits_dir):
     codes, spread = wait_all(a, b)
     report(f"rank with only unusable data (exits {spread:.1f} s apart)", start)
     assert all(c != 0 for c in codes) and spread < FAIL_TIMEOUT, (codes, spread)
+    assert "no usable sample among the first" in a.text() + b.text()
+
+
+def test_rank_whose_data_stalls_is_ended_by_its_watchdog(tmp_path, digits_dir):
+    """Rank 1's data never comes (a stalled file system, no error to raise): its watchdog ends it with every
+    thread's stack, and rank 0's collective timeout ends the other within train.timeout."""
+    recipe = write_recipe(tmp_path / "r.yaml", digits_dir, timeout=FAIL_TIMEOUT)
+    args = ["train", str(recipe), "--out", str(tmp_path / "run")]
+    start = time.time()
+    a, b, _ = two_nodes(tmp_path, lambda port, node: torchrun(port, args), faults=("", "stall_data@3"))
+    codes, spread = wait_all(a, b)
+    report(f"rank whose data stalls (exits {spread:.1f} s apart)", start)
+    assert all(c != 0 for c in codes) and spread < FAIL_TIMEOUT, (codes, spread)
     logs = a.text() + b.text()
-    assert "rank 1: no progress for" in logs  # the watchdog of the stuck process, with its stacks
-    assert "train.timeout" in logs
+    assert "rank 1: no progress for" in logs and "train.timeout" in logs  # the watchdog, with its stacks
 
 
 # ------------------------------------------------------------------------------------------------ units
