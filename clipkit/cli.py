@@ -24,6 +24,19 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_finetune(args: argparse.Namespace) -> int:
+    from clipkit.config import load_finetune_recipe
+    from clipkit.finetune import finetune
+
+    recipe = load_finetune_recipe(args.recipe, args.overrides)
+    out = Path(args.out) if args.out else Path("runs") / recipe.name
+    summary = finetune(recipe, out)
+    shown = {m: {s: round(r["accuracy"], 4) for s, r in summary[m].items() if isinstance(r, dict)}
+             for m in ("zeroshot", "finetuned", "wise") if m in summary}  # fmt: skip
+    print(json.dumps({"run": str(out), "accuracy": shown}, indent=2))
+    return 0
+
+
 def _load(checkpoint: str, local_rank: int = 0):
     import torch
 
@@ -49,9 +62,17 @@ def _cmd_eval(args: argparse.Namespace) -> int:
             if not args.classnames:
                 raise SystemExit("clipkit eval zeroshot: --classnames is required with shards")
             classnames = evals.read_lines(args.classnames, "classnames")
-            metrics = evals.zeroshot(
-                bundle, _shard_spec(args.data), classnames, templates, args.batch_size, device, args.workers
-            )
+            if args.report:
+                from clipkit.evaluate.classification import zeroshot_report
+
+                metrics = zeroshot_report(
+                    bundle, _shard_spec(args.data), classnames, templates, args.batch_size, device, args.workers,
+                    Path(args.report), args.dataset or _dataset_name(args.data),
+                )  # fmt: skip
+            else:
+                metrics = evals.zeroshot(
+                    bundle, _shard_spec(args.data), classnames, templates, args.batch_size, device, args.workers
+                )
         source = args.data
     elif args.task == "linear-probe":
         metrics = evals.linear_probe(
@@ -255,12 +276,22 @@ def _add_train_args(t: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return t
 
 
+def _add_finetune_args(t: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    t.add_argument("recipe", help="recipe YAML file with a finetune section")
+    t.add_argument("overrides", nargs="*", help="dotted.key=value overrides, e.g. finetune.mode=flyp")
+    t.add_argument("--out", help="run folder (default: runs/<recipe name>)")
+    t.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    t.set_defaults(fn=_cmd_finetune, command="finetune")
+    return t
+
+
 def make_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="clipkit", description=__doc__)
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = p.add_subparsers(dest="command", required=True)
 
     _add_train_args(sub.add_parser("train", help="train a recipe"))
+    _add_finetune_args(sub.add_parser("finetune", help="fine-tune a model folder on a labelled set (docs/finetune.md)"))
 
     e = sub.add_parser("eval", help="evaluate a model folder")
     esub = e.add_subparsers(dest="task", required=True)
@@ -277,6 +308,9 @@ def make_parser() -> argparse.ArgumentParser:
         help="class names file, one per line in label order (default with a folder: the subfolder names)",
     )
     ez.add_argument("--templates", help="prompt templates file with {c} (default: open_clip's simple ones)")
+    ez.add_argument(
+        "--report", help="also write a per-class report here (shards): REPORT/<dataset>.json, .md, _confusion.png"
+    )
     er = esub.add_parser("retrieval", parents=[common], help="image<->text recall@1/5/10 (several captions per image)")
     er.add_argument("--data", required=True, help="shard spec (braces, globs, '::' lists)")
     el = esub.add_parser("linear-probe", parents=[common], help="logistic regression on frozen image features")
@@ -367,6 +401,8 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["train"]:  # optionals mixed with free-form overrides: `--out X a.b=1 --resume latest c.d=2`
         train_parser = _add_train_args(argparse.ArgumentParser(prog="clipkit train"))
         args = train_parser.parse_intermixed_args(argv[1:])
+    elif argv[:1] == ["finetune"]:
+        args = _add_finetune_args(argparse.ArgumentParser(prog="clipkit finetune")).parse_intermixed_args(argv[1:])
     else:
         args = make_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(message)s")
