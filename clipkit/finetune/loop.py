@@ -135,7 +135,7 @@ def fit(
             bar.update(1)
             if step % cfg.log_every == 0:
                 now = time.perf_counter()
-                record({"step": step, "loss": float(loss), "lr": scheduler.get_last_lr()[0],
+                record({"step": step, "loss": float(loss.detach()), "lr": scheduler.get_last_lr()[0],
                         "samples_per_s": seen / max(now - t_log, 1e-9)})  # fmt: skip
                 seen, t_log = 0, now
             if step % cfg.eval_every == 0 or step == cfg.steps:
