@@ -268,6 +268,9 @@ class FinetuneCfg:
         linear_c_grid: inverse regularization strengths tried in "linear" mode.
         eval_batch_size: images per forward pass when evaluating.
         log_every: steps between training log lines.
+        threads: torch intra-op threads (0: torch's count). On a CPU shared with other jobs use 1: an OpenMP region
+            waits for its slowest thread, and a descheduled one stalls every layer (a `ce` step of the quickstart
+            model took 16 s at 2 threads and 2.5 s at 1 under a load average of 11 on 2 cores).
         wandb: log to Weights & Biases (offline unless WANDB_MODE says otherwise).
     """
 
@@ -294,6 +297,7 @@ class FinetuneCfg:
     linear_c_grid: tuple[float, ...] = (0.1, 1.0, 10.0, 100.0, 1000.0)
     eval_batch_size: int = 512
     log_every: int = 20
+    threads: int = 0
     wandb: bool = False
 
 
@@ -609,6 +613,7 @@ def validate_finetune(f: FinetuneCfg) -> None:
          "must be positive numbers")  # fmt: skip
     need(f.eval_batch_size >= 1, "eval_batch_size", f.eval_batch_size, "must be >= 1")
     need(f.log_every >= 1, "log_every", f.log_every, "must be >= 1")
+    need(f.threads >= 0, "threads", f.threads, "must be >= 0 (0 = torch's count)")
     names = [s.name for s in f.eval_sets]
     for i, s in enumerate(f.eval_sets):
         need(bool(s.name.strip()) and "/" not in s.name, f"eval_sets.{i}.name", s.name, "must be a plain name")

@@ -65,6 +65,17 @@ def load_data(recipe: Recipe, pixels: fdata.Pixels) -> dict:
 
 
 def finetune(recipe: Recipe, out_dir: str | Path, on_eval=None) -> dict:
+    """Runs a fine-tuning recipe into `out_dir` with `finetune.threads` torch threads; see `_finetune`."""
+    before = torch.get_num_threads()
+    if recipe.finetune.threads > 0:
+        torch.set_num_threads(recipe.finetune.threads)
+    try:
+        return _finetune(recipe, out_dir, on_eval)
+    finally:
+        torch.set_num_threads(before)
+
+
+def _finetune(recipe: Recipe, out_dir: str | Path, on_eval=None) -> dict:
     """Runs a fine-tuning recipe into `out_dir`; returns the summary (also written to summary.json).
 
     Args:
