@@ -461,6 +461,13 @@ def load_recipe(path: str | Path | None, overrides: list[str] = ()) -> Recipe:
     Raises:
         RecipeError: naming the key, value and reason, for any invalid recipe.
     """
+    recipe = from_dict(Recipe, read_recipe_data(path, overrides))
+    validate(recipe)
+    return recipe
+
+
+def read_recipe_data(path: str | Path | None, overrides: list[str] = ()) -> dict:
+    """The plain mapping of a YAML recipe (empty for None) with the dotted overrides applied, not yet validated."""
     data: dict = {}
     if path is not None:
         path = Path(path)
@@ -471,9 +478,7 @@ def load_recipe(path: str | Path | None, overrides: list[str] = ()) -> Recipe:
             raise RecipeError(f"recipe {path}: the top level must be a mapping")
     for o in overrides:
         apply_override(data, o)
-    recipe = from_dict(Recipe, data)
-    validate(recipe)
-    return recipe
+    return data
 
 
 def validate(r: Recipe) -> None:
@@ -571,16 +576,7 @@ def load_finetune_recipe(path: str | Path | None, overrides: list[str] = ()) -> 
     Raises:
         RecipeError: naming the key, for an unknown key, a training key (unused here), a wrong type or a bad value.
     """
-    data: dict = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise RecipeError(f"recipe {path}: file not found")
-        data = yaml.safe_load(path.read_text()) or {}
-        if not isinstance(data, dict):
-            raise RecipeError(f"recipe {path}: the top level must be a mapping")
-    for o in overrides:
-        apply_override(data, o)
+    data = read_recipe_data(path, overrides)
     extra = sorted(k for k in data if k not in FINETUNE_KEYS and k in {f.name for f in dataclasses.fields(Recipe)})
     if extra:
         raise RecipeError(f"{extra[0]}: not read by clipkit finetune (a fine-tuning recipe has {list(FINETUNE_KEYS)})")

@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 
 from clipkit.data.pipeline import iter_eval_samples
 from clipkit.data.shards import expand_shards
+from clipkit.evaluate.run import read_lines
 
 
 class FinetuneDataError(ValueError):
@@ -145,7 +146,7 @@ def check_every_class(data: LabeledImages, classnames: Sequence[str], what: str)
 
 def read_classnames(path: Path) -> list[str]:
     """Class names, one per non-empty line; a missing, empty or duplicated file is refused naming it."""
-    names = _lines(path, "classnames")
+    names = read_lines(path, "classnames")
     dup = [n for n, c in Counter(names).items() if c > 1]
     if dup:
         raise FinetuneDataError(f"classnames file {path}: class {dup[0]!r} appears more than once")
@@ -154,18 +155,8 @@ def read_classnames(path: Path) -> list[str]:
 
 def read_templates(path: Path) -> list[str]:
     """Prompt templates, one per line, each with `{c}` where the class name goes; refused naming file and line."""
-    lines = _lines(path, "templates")
+    lines = read_lines(path, "templates")
     for i, t in enumerate(lines, 1):
         if "{c}" not in t:
             raise FinetuneDataError(f"templates file {path} line {i}: {t!r} has no {{c}} where the class name goes")
-    return lines
-
-
-def _lines(path: Path, what: str) -> list[str]:
-    path = Path(path)
-    if not path.is_file():
-        raise FinetuneDataError(f"{what} file {path}: not found")
-    lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    if not lines:
-        raise FinetuneDataError(f"{what} file {path}: empty")
     return lines

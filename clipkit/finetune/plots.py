@@ -16,6 +16,14 @@ def _plt():
     return plt
 
 
+def _save(plt, fig, out_file: Path) -> Path:
+    fig.tight_layout()
+    with atomic_path(out_file) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
+    plt.close(fig)
+    return out_file
+
+
 def plot_curves(rows: list[dict], best_step: int | None, monitor: str, out_file: Path) -> Path:
     """Training loss and validation accuracy / macro-F1 / loss against steps; the restored step marked."""
     plt = _plt()
@@ -35,11 +43,7 @@ def plot_curves(rows: list[dict], best_step: int | None, monitor: str, out_file:
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    with atomic_path(out_file) as tmp:
-        fig.savefig(tmp, dpi=110, format="png")
-    plt.close(fig)
-    return out_file
+    return _save(plt, fig, out_file)
 
 
 def plot_wise(rows: list[dict], sets: list[str], chosen: float, out_file: Path) -> Path:
@@ -55,8 +59,4 @@ def plot_wise(rows: list[dict], sets: list[str], chosen: float, out_file: Path) 
     ax.set_title("WiSE-FT: (1-a) zero-shot + a fine-tuned")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    with atomic_path(out_file) as tmp:
-        fig.savefig(tmp, dpi=110, format="png")
-    plt.close(fig)
-    return out_file
+    return _save(plt, fig, out_file)
