@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import statistics
 import sys
 import time
@@ -128,6 +129,7 @@ def main() -> int:
     p.add_argument("--rerun", action="store_true", help="rerun runs that already have a summary.json")
     p.add_argument("--bench", action="store_true", help="also write docs/bench/finetune_study.json")
     args = p.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     args.data = args.data.resolve()
     build_shifted(args.data)
     runs: dict[str, list[dict]] = {}
@@ -142,7 +144,9 @@ def main() -> int:
         import os
 
         facts = {"loadavg_end": os.getloadavg(), "command": " ".join(sys.argv), "rows": rows}
-        write_json_atomic(Path(__file__).resolve().parents[1] / "docs/bench/finetune_study.json", facts, sort_keys=False)
+        write_json_atomic(
+            Path(__file__).resolve().parents[1] / "docs/bench/finetune_study.json", facts, sort_keys=False
+        )
     return 0
 
 
