@@ -32,6 +32,19 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_finetune(args: argparse.Namespace) -> int:
+    from clipkit.config import load_finetune_recipe
+    from clipkit.finetune import finetune
+
+    recipe = load_finetune_recipe(args.recipe, args.overrides)
+    out = Path(args.out) if args.out else Path("runs") / recipe.name
+    summary = finetune(recipe, out)
+    shown = {m: {s: round(r["accuracy"], 4) for s, r in summary[m].items() if isinstance(r, dict)}
+             for m in ("zeroshot", "finetuned", "wise") if m in summary}  # fmt: skip
+    print(json.dumps({"run": str(out), "accuracy": shown}, indent=2))
+    return 0
+
+
 def _load(checkpoint: str, local_rank: int = 0):
     import torch
 
@@ -53,22 +66,34 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     if task == "zeroshot" and not evals.is_image_folder(source):
         # A shard set's own classnames.txt / templates.txt (data build, data import) are the defaults.
         names, templates = names or _beside(source, "classnames.txt"), templates or _beside(source, "templates.txt")
+    classnames = evals.read_lines(names, "classnames") if names else None
+    templates = evals.read_lines(templates, "templates") if templates else None
+    dataset = args.dataset or _dataset_name(source)
     bundle, device = _load(args.checkpoint)
-    metrics = evals.run_task(
-        bundle,
-        task,
-        source,
-        classnames=evals.read_lines(names, "classnames") if names else None,
-        templates=evals.read_lines(templates, "templates") if templates else None,
-        test_shards=getattr(args, "test", None),
-        batch_size=args.batch_size,
-        device=device,
-        workers=args.workers,
-        allow_missing=args.allow_missing,
-    )
-    result = evals.eval_result(
-        args.dataset or _dataset_name(source), bundle.source or str(args.checkpoint), task, metrics
-    )
+    if task == "zeroshot" and getattr(args, "report", None):  # the same metrics plus a per-class report
+        from clipkit.evaluate.classification import zeroshot_report
+
+        if classnames is None:
+            raise SystemExit(
+                "clipkit eval zeroshot --report: --classnames is required (no classnames.txt by the shards)"
+            )
+        metrics = zeroshot_report(
+            bundle, source, classnames, templates, args.batch_size, device, args.workers, Path(args.report), dataset
+        )
+    else:
+        metrics = evals.run_task(
+            bundle,
+            task,
+            source,
+            classnames=classnames,
+            templates=templates,
+            test_shards=getattr(args, "test", None),
+            batch_size=args.batch_size,
+            device=device,
+            workers=args.workers,
+            allow_missing=args.allow_missing,
+        )
+    result = evals.eval_result(dataset, bundle.source or str(args.checkpoint), task, metrics)
     print(json.dumps(result, indent=2), flush=True)  # first: a failed write below loses nothing
     try:
         evals.write_result(out, **result)
@@ -387,12 +412,22 @@ def _add_import_args(p: argparse.ArgumentParser) -> None:
     p.set_defaults(fn=_cmd_data_import)
 
 
+def _add_finetune_args(t: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    t.add_argument("recipe", help="recipe YAML file with a finetune section")
+    t.add_argument("overrides", nargs="*", help="dotted.key=value overrides, e.g. finetune.mode=flyp")
+    t.add_argument("--out", help="run folder (default: runs/<recipe name>)")
+    t.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    t.set_defaults(fn=_cmd_finetune, command="finetune")
+    return t
+
+
 def make_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="clipkit", description=__doc__)
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = p.add_subparsers(dest="command", required=True)
 
     _add_train_args(sub.add_parser("train", help="train a recipe"))
+    _add_finetune_args(sub.add_parser("finetune", help="fine-tune a model folder on a labelled set (docs/finetune.md)"))
 
     e = sub.add_parser("eval", help="evaluate a model folder")
     esub = e.add_subparsers(dest="task", required=True)
@@ -414,6 +449,9 @@ def make_parser() -> argparse.ArgumentParser:
         help="class names file, one per line in label order (default with a folder: the subfolder names)",
     )
     ez.add_argument("--templates", help="prompt templates file with {c} (default: open_clip's simple ones)")
+    ez.add_argument(
+        "--report", help="also write a per-class report here (shards): REPORT/<dataset>.json, .md, _confusion.png"
+    )
     er = esub.add_parser("retrieval", parents=[common], help="image<->text recall@1/5/10 (several captions per image)")
     er.add_argument("--data", required=True, help="shard spec (braces, globs, '::' lists)")
     el = esub.add_parser("linear-probe", parents=[common], help="logistic regression on frozen image features")
@@ -526,6 +564,8 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["train"]:  # optionals mixed with free-form overrides: `--out X a.b=1 --resume latest c.d=2`
         train_parser = _add_train_args(argparse.ArgumentParser(prog="clipkit train"))
         args = train_parser.parse_intermixed_args(argv[1:])
+    elif argv[:1] == ["finetune"]:
+        args = _add_finetune_args(argparse.ArgumentParser(prog="clipkit finetune")).parse_intermixed_args(argv[1:])
     else:
         args = make_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(message)s")

@@ -258,6 +258,83 @@ class IndexCfg:
 
 
 @dataclass(frozen=True)
+class FinetuneEvalSetCfg:
+    """An extra labelled set the fine-tuned model (and every WiSE-FT mix) is evaluated on.
+
+    Attributes:
+        name: the set's name in reports (`<run>/reports/<name>.json`).
+        shards: labelled shard spec relative to `data_root` (json `label` indexes `finetune.classnames`).
+    """
+
+    name: str
+    shards: str
+
+
+@dataclass(frozen=True)
+class FinetuneCfg:
+    """`clipkit finetune`: adapt a model folder to a labelled classification set (docs/finetune.md).
+
+    Attributes:
+        model: the model folder to start from (open_clip_config.json + weights; not resolved against data_root).
+        train: labelled training shards (json `label` = index into `classnames`), relative to `data_root`.
+        val: labelled validation shards; default a deterministic hash split of `train` (`val_fraction`).
+        val_fraction: share of training samples held out for validation when `val` is not given (by key hash).
+        classnames: class names file, one per line in label order, relative to `data_root`.
+        templates: prompt templates file with `{c}`, relative to `data_root` (default: open_clip's simple ones).
+        eval_sets: extra sets reported for the fine-tuned model and for every WiSE-FT mix (e.g. test, shifted test).
+        mode: "ce" (cross-entropy, image tower + zero-shot-initialized head, as WiSE-FT), "flyp" (contrastive loss
+            against class-prompt captions, both towers; the head is rebuilt from the text tower at each evaluation)
+            or "linear" (frozen towers, logistic regression on image features, C chosen on validation).
+        train_head: in "ce" mode, also train the head (False: keep the zero-shot head, so that the saved model folder
+            alone, through `clipkit eval zeroshot`, gives the fine-tuned classifier).
+        steps: optimizer steps at most (early stopping may end sooner).
+        batch_size: training samples per step.
+        lr: peak AdamW learning rate (warmup, then cosine to 0 at `steps`).
+        weight_decay: AdamW weight decay on weight matrices.
+        warmup: linear warmup steps.
+        grad_clip: max global gradient norm (0 = off).
+        eval_every: steps between validation evaluations (early stopping decides at each).
+        patience: evaluations without an improvement larger than `min_delta` before stopping (0 = never stop early).
+        min_delta: the smallest change of the monitored metric that counts as an improvement.
+        monitor: validation metric that picks the best step: "accuracy", "macro_f1" (higher is better) or "loss".
+        wise_alphas: WiSE-FT mixing weights a (theta = (1-a) theta_zeroshot + a theta_finetuned); empty = no sweep.
+        linear_c_grid: inverse regularization strengths tried in "linear" mode.
+        eval_batch_size: images per forward pass when evaluating.
+        log_every: steps between training log lines.
+        threads: torch intra-op threads (0: torch's count). On a CPU shared with other jobs use 1: an OpenMP region
+            waits for its slowest thread, and a descheduled one stalls every layer (a `ce` step of the quickstart
+            model took 16 s at 2 threads and 2.5 s at 1 under a load average of 11 on 2 cores).
+        wandb: log to Weights & Biases (offline unless WANDB_MODE says otherwise).
+    """
+
+    model: str = ""
+    train: str = ""
+    val: str | None = None
+    val_fraction: float = 0.1
+    classnames: str = ""
+    templates: str | None = None
+    eval_sets: tuple[FinetuneEvalSetCfg, ...] = ()
+    mode: Literal["ce", "flyp", "linear"] = "ce"
+    train_head: bool = True
+    steps: int = 2000
+    batch_size: int = 128
+    lr: float = 1e-4
+    weight_decay: float = 0.1
+    warmup: int = 100
+    grad_clip: float = 1.0
+    eval_every: int = 100
+    patience: int = 5
+    min_delta: float = 0.0
+    monitor: Literal["accuracy", "macro_f1", "loss"] = "accuracy"
+    wise_alphas: tuple[float, ...] = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
+    linear_c_grid: tuple[float, ...] = (0.1, 1.0, 10.0, 100.0, 1000.0)
+    eval_batch_size: int = 512
+    log_every: int = 20
+    threads: int = 0
+    wandb: bool = False
+
+
+@dataclass(frozen=True)
 class Recipe:
     """A whole training recipe: only what differs from these defaults goes in a YAML file."""
 
@@ -269,6 +346,7 @@ class Recipe:
     train: TrainCfg = field(default_factory=TrainCfg)
     eval: EvalCfg = field(default_factory=EvalCfg)
     index: IndexCfg = field(default_factory=IndexCfg)
+    finetune: FinetuneCfg = field(default_factory=FinetuneCfg)
 
     def path(self, relative: str) -> str:
         """Resolves a data path or shard spec against `data_root` (absolute parts are kept)."""
@@ -447,6 +525,13 @@ def load_recipe(path: str | Path | None, overrides: list[str] = ()) -> Recipe:
     Raises:
         RecipeError: naming the key, value and reason, for any invalid recipe.
     """
+    recipe = from_dict(Recipe, read_recipe_data(path, overrides))
+    validate(recipe)
+    return recipe
+
+
+def read_recipe_data(path: str | Path | None, overrides: list[str] = ()) -> dict:
+    """The plain mapping of a YAML recipe (empty for None) with the dotted overrides applied, not yet validated."""
     data: dict = {}
     if path is not None:
         path = Path(path)
@@ -461,9 +546,7 @@ def load_recipe(path: str | Path | None, overrides: list[str] = ()) -> Recipe:
             raise RecipeError(f"recipe {path}: the top level must be a mapping")
     for o in overrides:
         apply_override(data, o)
-    recipe = from_dict(Recipe, data)
-    validate(recipe)
-    return recipe
+    return data
 
 
 def validate(r: Recipe) -> None:
@@ -562,3 +645,52 @@ def validate(r: Recipe) -> None:
 def save_recipe(recipe: Recipe, path: Path) -> None:
     """Writes the resolved recipe (every field, defaults included) as YAML."""
     write_text_atomic(path, yaml.safe_dump(to_dict(recipe), sort_keys=False))
+
+
+FINETUNE_KEYS = ("name", "seed", "data_root", "finetune")  # the recipe keys `clipkit finetune` reads
+
+
+def load_finetune_recipe(path: str | Path | None, overrides: list[str] = ()) -> Recipe:
+    """Reads a fine-tuning recipe (`name`, `seed`, `data_root` and a `finetune` section), validated like training's.
+
+    Raises:
+        RecipeError: naming the key, for an unknown key, a training key (unused here), a wrong type or a bad value.
+    """
+    data = read_recipe_data(path, overrides)
+    extra = sorted(k for k in data if k not in FINETUNE_KEYS and k in {f.name for f in dataclasses.fields(Recipe)})
+    if extra:
+        raise RecipeError(f"{extra[0]}: not read by clipkit finetune (a fine-tuning recipe has {list(FINETUNE_KEYS)})")
+    recipe = from_dict(Recipe, data)
+    validate_finetune(recipe.finetune)
+    return recipe
+
+
+def validate_finetune(f: FinetuneCfg) -> None:
+    """Value checks of a `finetune` section; each names the key, the value and the reason."""
+
+    def need(ok: bool, key: str, value: Any, why: str) -> None:
+        if not ok:
+            raise RecipeError(f"finetune.{key}: {value!r} {why}")
+
+    for key in ("model", "train", "classnames"):
+        need(bool(getattr(f, key).strip()), key, getattr(f, key), "is required")
+    need(0 < f.val_fraction < 1, "val_fraction", f.val_fraction, "must be in (0, 1)")
+    need(f.steps >= 1, "steps", f.steps, "must be >= 1")
+    need(f.batch_size >= 2, "batch_size", f.batch_size, "must be >= 2")
+    need(f.lr > 0, "lr", f.lr, "must be positive")
+    need(f.weight_decay >= 0, "weight_decay", f.weight_decay, "must be >= 0")
+    need(0 <= f.warmup < f.steps, "warmup", f.warmup, f"must be in [0, finetune.steps={f.steps})")
+    need(f.grad_clip >= 0, "grad_clip", f.grad_clip, "must be >= 0 (0 = off)")
+    need(f.eval_every >= 1, "eval_every", f.eval_every, "must be >= 1")
+    need(f.patience >= 0, "patience", f.patience, "must be >= 0 (0 = never stop early)")
+    need(f.min_delta >= 0, "min_delta", f.min_delta, "must be >= 0")
+    need(all(0 <= a <= 1 for a in f.wise_alphas), "wise_alphas", list(f.wise_alphas), "must each be in [0, 1]")
+    need(len(f.linear_c_grid) > 0 and all(c > 0 for c in f.linear_c_grid), "linear_c_grid", list(f.linear_c_grid),
+         "must be positive numbers")  # fmt: skip
+    need(f.eval_batch_size >= 1, "eval_batch_size", f.eval_batch_size, "must be >= 1")
+    need(f.log_every >= 1, "log_every", f.log_every, "must be >= 1")
+    need(f.threads >= 0, "threads", f.threads, "must be >= 0 (0 = torch's count)")
+    names = [s.name for s in f.eval_sets]
+    for i, s in enumerate(f.eval_sets):
+        need(bool(s.name.strip()) and "/" not in s.name, f"eval_sets.{i}.name", s.name, "must be a plain name")
+        need(names.count(s.name) == 1 and s.name != "val", f"eval_sets.{i}.name", s.name, "must be unique, not 'val'")

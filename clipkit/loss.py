@@ -81,11 +81,14 @@ def clip_loss_rows(
     row_offset: int = 0,
     row_groups: torch.Tensor | None = None,
     col_groups: torch.Tensor | None = None,
+    exclude: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Symmetric InfoNCE of some rows against all columns.
 
     Row i is paired with column i + row_offset. Logits are [n, N] in each direction (memory: 2*n*N floats).
     With groups, the targets of row i are spread evenly over the columns of its group (multiple positives).
+    `exclude` ([n, N] bool, True where a column is no negative of the row, e.g. another sample of the same class in
+    FLYP) instead drops those logits from both softmaxes; it must leave each row's own positive False.
 
     Args:
         image_rows: [n, D] normalized image features of the rows this process owns.
@@ -106,6 +109,9 @@ def clip_loss_rows(
         labels = same / same.sum(dim=1, keepdim=True)  # [n, N] soft targets (the same in both directions)
     logits_per_image = logit_scale * image_rows @ text_cols.T
     logits_per_text = logit_scale * text_rows @ image_cols.T
+    if exclude is not None:
+        logits_per_image = logits_per_image.masked_fill(exclude, float("-inf"))
+        logits_per_text = logits_per_text.masked_fill(exclude, float("-inf"))
     return (F.cross_entropy(logits_per_image, labels) + F.cross_entropy(logits_per_text, labels)) / 2
 
 

@@ -66,10 +66,10 @@ def linear_probe(
     )
     val_acc = {}
     for c in sorted(c_grid):
-        clf = _fit(fit_x, fit_y, c, seed, max_iter)
+        clf = fit_logistic(fit_x, fit_y, c, seed, max_iter)
         val_acc[float(c)] = float(np.mean(clf.predict(val_x) == val_y))
     best_c = max(val_acc, key=lambda c: (val_acc[c], -c))  # best accuracy; the smallest C among ties
-    clf = _fit(train_x, train_y, best_c, seed, max_iter)
+    clf = fit_logistic(train_x, train_y, best_c, seed, max_iter)
     scores = clf.decision_function(test_x)  # [T, C'] over the training classes (C' = 2 gives [T])
     if scores.ndim == 1:
         scores = np.stack([-scores, scores], axis=1)
@@ -79,7 +79,8 @@ def linear_probe(
     return out
 
 
-def _fit(x: np.ndarray, y: np.ndarray, c: float, seed: int, max_iter: int) -> LogisticRegression:
+def fit_logistic(x: np.ndarray, y: np.ndarray, c: float, seed: int = 0, max_iter: int = MAX_ITER) -> LogisticRegression:
+    """scikit-learn's multinomial L-BFGS logistic regression with inverse regularization strength `c`."""
     clf = LogisticRegression(C=c, max_iter=max_iter, random_state=seed)
     return clf.fit(x, y)
 

@@ -1,0 +1,168 @@
+"""The fine-tuning loop: batches from the in-memory training set, validation every N steps, early stopping.
+
+One process (CPU or one GPU). The data order is a function of the seed alone: a fresh permutation per epoch from a
+private generator (which also draws FLYP's templates), so two runs with the same seed and thread count take the same
+steps.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterator
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from sklearn.metrics import f1_score
+from tqdm.auto import tqdm
+
+from clipkit.config import FinetuneCfg
+from clipkit.finetune.data import LabeledImages, Pixels
+from clipkit.finetune.early_stop import EarlyStopping
+from clipkit.finetune.head import ImageClassifier
+from clipkit.optim import make_optimizer, make_scheduler
+
+log = logging.getLogger(__name__)
+
+BETAS, EPS = (0.9, 0.999), 1e-8  # AdamW as in WiSE-FT and FLYP
+
+
+@torch.inference_mode()
+def predict_logits(
+    classifier: ImageClassifier, data: LabeledImages, pixels: Pixels, batch_size: int, device
+) -> torch.Tensor:
+    """[N, C] float32 logits of every image of `data` (eval mode; the previous mode is restored)."""
+    was_training = classifier.training
+    classifier.eval()
+    out = [
+        classifier(pixels.batch(data.pixels[i : i + batch_size], device)).float().cpu()
+        for i in range(0, len(data), batch_size)
+    ]
+    classifier.train(was_training)
+    return torch.cat(out)
+
+
+def scores(logits: torch.Tensor, labels: torch.Tensor) -> dict:
+    """{"accuracy", "macro_f1", "loss"} of [N, C] logits against [N] labels (macro-F1 over the classes present)."""
+    pred = logits.argmax(dim=1)
+    return {
+        "accuracy": float((pred == labels).float().mean()),
+        "macro_f1": float(f1_score(labels.numpy(), pred.numpy(), average="macro")),
+        "loss": float(F.cross_entropy(logits, labels)),
+    }
+
+
+def _batches(n: int, batch_size: int, generator: torch.Generator) -> Iterator[torch.Tensor]:
+    """Row indices of full batches, epoch after epoch, each epoch a fresh permutation."""
+    while True:
+        order = torch.randperm(n, generator=generator)
+        for i in range(0, n - batch_size + 1, batch_size):
+            yield order[i : i + batch_size]
+
+
+def fit(
+    mode,
+    train: LabeledImages,
+    val: LabeledImages,
+    pixels: Pixels,
+    cfg: FinetuneCfg,
+    seed: int,
+    device,
+    record: Callable[[dict], None],
+    on_eval: Callable[[int, dict, torch.nn.Module], None] | None = None,
+) -> dict:
+    """Trains `mode` for up to `cfg.steps` steps; restores the best validation step's weights at the end.
+
+    Validation runs before the first step (the starting weights can win), every `cfg.eval_every` steps and after the
+    last one. Early stopping (`cfg.patience`, `cfg.min_delta`, `cfg.monitor`) may end the run sooner.
+
+    Args:
+        mode: a `clipkit.finetune.modes` mode that trains.
+        train: the training images.
+        val: the validation images.
+        pixels: turns stored pixels into model input.
+        cfg: the finetune section.
+        seed: seeds data order and FLYP's template draws.
+        device: where the model lives.
+        record: called with every log row ({"step", "loss", "lr", ...} or {"step", "val/accuracy", ...}).
+        on_eval: called as on_eval(step, val_metrics, mode.module) after each validation (tests snapshot weights).
+
+    Returns:
+        {"best_step", "best", "steps_run", "stopped_early", "train_seconds"}.
+    """
+    if len(train) < cfg.batch_size:
+        raise ValueError(f"finetune.batch_size={cfg.batch_size} is larger than the {len(train)} training samples")
+    generator = torch.Generator().manual_seed(seed)
+    module = mode.module
+    optimizer = make_optimizer(module, cfg.lr, cfg.weight_decay, BETAS, EPS)
+    scheduler = make_scheduler(optimizer, cfg.steps, cfg.warmup, cfg.lr, 0.0)
+    params = [p for p in module.parameters() if p.requires_grad]
+    stopper = EarlyStopping(cfg.monitor, cfg.patience, cfg.min_delta)
+
+    def evaluate(step: int) -> bool:
+        metrics = scores(predict_logits(mode.classifier(), val, pixels, cfg.eval_batch_size, device), val.labels)
+        stop = stopper.update(step, metrics, module)
+        record({"step": step, **{f"val/{k}": v for k, v in metrics.items()}, "best_step": stopper.best_step})
+        log.info(
+            "step %d: val accuracy %.4f macro-F1 %.4f loss %.4f (best %s %.4f at step %d%s)",
+            step, metrics["accuracy"], metrics["macro_f1"], metrics["loss"], cfg.monitor, stopper.best_value,
+            stopper.best_step, f", {stopper.bad_evals}/{cfg.patience} without improvement" if stopper.bad_evals else "",
+        )  # fmt: skip
+        if on_eval is not None:
+            on_eval(step, metrics, module)
+        return stop
+
+    t0 = time.perf_counter()
+    module.train()
+    stopped = evaluate(0)
+    step, seen, t_log = 0, 0, time.perf_counter()
+    batches = _batches(len(train), cfg.batch_size, generator)
+    with tqdm(total=cfg.steps, desc=f"finetune {cfg.mode}", unit="step", disable=None) as bar:
+        while step < cfg.steps and not stopped:
+            rows = next(batches)
+            images, labels = pixels.batch(train.pixels[rows], device), train.labels[rows].to(device)
+            loss = mode.loss(images, labels, generator)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+            optimizer.step()
+            scheduler.step()
+            mode.after_step()
+            step += 1
+            seen += len(rows)
+            bar.update(1)
+            if step % cfg.log_every == 0:
+                now = time.perf_counter()
+                record({"step": step, "loss": float(loss.detach()), "lr": scheduler.get_last_lr()[0],
+                        "samples_per_s": seen / max(now - t_log, 1e-9)})  # fmt: skip
+                seen, t_log = 0, now
+            if step % cfg.eval_every == 0 or step == cfg.steps:
+                stopped = evaluate(step)
+    if stopped:
+        log.info(
+            "early stop at step %d: no val %s improvement > %g in %d evaluations; restoring step %d (%s %.4f)",
+            step, cfg.monitor, cfg.min_delta, cfg.patience, stopper.best_step, cfg.monitor, stopper.best_value,
+        )  # fmt: skip
+    else:
+        log.info("ran all %d steps; restoring the best step %d (%s %.4f)", step, stopper.best_step, cfg.monitor,
+                 stopper.best_value)  # fmt: skip
+    stopper.restore(module)
+    module.eval()
+    return {
+        "best_step": stopper.best_step,
+        "best": {cfg.monitor: stopper.best_value},
+        "steps_run": step,
+        "stopped_early": stopped,
+        "train_seconds": time.perf_counter() - t0,
+    }
+
+
+def features(model: torch.nn.Module, data: LabeledImages, pixels: Pixels, batch_size: int, device) -> np.ndarray:
+    """[N, D] float64 L2-normalized image features (for the linear mode)."""
+    out = []
+    with torch.inference_mode():
+        for i in range(0, len(data), batch_size):
+            out.append(F.normalize(model.encode_image(pixels.batch(data.pixels[i : i + batch_size], device)), dim=-1))
+    return torch.cat(out).double().cpu().numpy()

@@ -1,0 +1,62 @@
+"""Fine-tuning pictures: training curves with the early-stopping point, and accuracy against the WiSE-FT mix."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from clipkit.files import atomic_path
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")  # headless
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(plt, fig, out_file: Path) -> Path:
+    fig.tight_layout()
+    with atomic_path(out_file) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
+    plt.close(fig)
+    return out_file
+
+
+def plot_curves(rows: list[dict], best_step: int | None, monitor: str, out_file: Path) -> Path:
+    """Training loss and validation accuracy / macro-F1 / loss against steps; the restored step marked."""
+    plt = _plt()
+    train = [r for r in rows if "loss" in r]
+    val = [r for r in rows if "val/accuracy" in r]
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.3))
+    if train:
+        axes[0].plot([r["step"] for r in train], [r["loss"] for r in train], lw=1.2, label="train loss")
+    axes[0].plot([r["step"] for r in val], [r["val/loss"] for r in val], marker="o", ms=3, lw=1, label="val loss")
+    axes[0].set_title("loss")
+    for key in ("accuracy", "macro_f1"):
+        axes[1].plot([r["step"] for r in val], [r[f"val/{key}"] for r in val], marker="o", ms=3, lw=1, label=key)
+    axes[1].set_title(f"validation (early stopping on {monitor})")
+    for ax in axes:
+        if best_step is not None:
+            ax.axvline(best_step, color="k", ls="--", lw=0.8, label=f"restored: step {best_step}")
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    return _save(plt, fig, out_file)
+
+
+def plot_wise(rows: list[dict], sets: list[str], chosen: float, out_file: Path) -> Path:
+    """Accuracy of each set against the WiSE-FT mixing weight a, the a chosen on validation marked."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    alphas = [r["alpha"] for r in rows]
+    for name in sets:
+        ax.plot(alphas, [r[name]["accuracy"] for r in rows], marker="o", ms=3, label=name)
+    ax.axvline(chosen, color="k", ls="--", lw=0.8, label=f"chosen on val: a={chosen:g}")
+    ax.set_xlabel("a (0: zero-shot, 1: fine-tuned)")
+    ax.set_ylabel("top-1 accuracy")
+    ax.set_title("WiSE-FT: (1-a) zero-shot + a fine-tuned")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    return _save(plt, fig, out_file)

@@ -1,0 +1,232 @@
+"""`clipkit finetune` and the classification reports, on the real digits shards with a tiny real open_clip model."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+import open_clip
+import pytest
+import torch
+from safetensors.torch import load_file
+from sklearn.datasets import load_digits
+from sklearn.metrics import accuracy_score, precision_recall_fscore_support
+from sklearn.neighbors import NearestCentroid
+
+from clipkit.cli import main
+from clipkit.config import ModelCfg, load_finetune_recipe
+from clipkit.data.pipeline import read_tar_samples
+from clipkit.data.shards import expand_shards, write_shards
+from clipkit.evaluate.classification import report_dict
+from clipkit.finetune import finetune
+from clipkit.finetune.head import HEAD_NAME, load_head
+from clipkit.finetune.wise import interpolate
+from clipkit.loss import ContrastiveLoss, clip_loss_rows
+from clipkit.models import create_model, save_model
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory) -> Path:
+    from tests.conftest import TINY_MODEL
+
+    torch.manual_seed(0)
+    bundle = create_model(ModelCfg(config=TINY_MODEL))
+    return save_model(tmp_path_factory.mktemp("tiny") / "model", bundle.model, bundle.config)
+
+
+def _recipe(tmp_path: Path, digits_dir: Path, model: Path, **finetune) -> Path:
+    section = {
+        "model": str(model),
+        "train": "train-*.tar",
+        "classnames": "classnames.txt",
+        "templates": "templates.txt",
+        "eval_sets": [{"name": "test", "shards": "test-*.tar"}],
+        "steps": 4,
+        "batch_size": 32,
+        "warmup": 1,
+        "lr": 1e-3,
+        "eval_every": 2,
+        "wise_alphas": [0.0, 1.0],
+        "linear_c_grid": [1.0],
+        "log_every": 2,
+        **finetune,
+    }
+    path = tmp_path / "r.yaml"
+    path.write_text(json.dumps({"name": "t", "data_root": str(digits_dir), "finetune": section}))
+    return path
+
+
+# ------------------------------------------------------------------------------------------------ reports
+
+
+def test_report_numbers_equal_sklearn():
+    """report_dict on real predictions (a logistic regression on the real digits) equals sklearn's metrics."""
+    x, y = load_digits(return_X_y=True)
+    clf = NearestCentroid().fit(x[:900], y[:900])  # real predictions with errors in most classes
+    pred = clf.predict(x[900:])
+    names = [f"digit {i}" for i in range(10)]
+    report = report_dict(y[900:], pred, names)
+    p, r, f, s = precision_recall_fscore_support(y[900:], pred, labels=range(10), zero_division=0)
+    for i, name in enumerate(names):
+        row = report["classes"][name]
+        assert (row["precision"], row["recall"], row["f1-score"], row["support"]) == (p[i], r[i], f[i], s[i])
+    for avg in ("macro", "weighted"):
+        p, r, f, _ = precision_recall_fscore_support(y[900:], pred, average=avg, zero_division=0)
+        assert (report[f"{avg} avg"]["precision"], report[f"{avg} avg"]["recall"]) == (p, r)
+        assert report[f"{avg} avg"]["f1-score"] == f
+    assert report["accuracy"] == accuracy_score(y[900:], pred) < 1.0
+
+
+def test_eval_zeroshot_report_agrees_with_its_metrics(digits_dir, tiny_folder, tmp_path):
+    out = tmp_path / "zs.json"
+    files = ["--classnames", str(digits_dir / "classnames.txt"), "--templates", str(digits_dir / "templates.txt")]
+    rc = main(["eval", "zeroshot", "--checkpoint", str(tiny_folder), "--data", str(digits_dir / "test-*.tar"), *files,
+               "--workers", "0", "--out", str(out), "--report", str(tmp_path / "rep"),
+               "--dataset", "digits"])  # fmt: skip
+    assert rc == 0
+    metrics = json.loads(out.read_text())["metrics"]
+    report = json.loads((tmp_path / "rep" / "digits.json").read_text())
+    assert report["accuracy"] == pytest.approx(metrics["acc1"], abs=1e-12)
+    assert report["macro avg"]["recall"] == pytest.approx(metrics["mean_per_class_recall"], abs=1e-12)
+    assert report["n_samples"] == metrics["n_samples"]
+    assert (tmp_path / "rep" / "digits_confusion.png").stat().st_size > 1000
+    assert "| macro avg |" in (tmp_path / "rep" / "digits.md").read_text()
+
+
+# ------------------------------------------------------------------------------------------- pieces
+
+
+def test_flyp_loss_excludes_same_class_pairs():
+    torch.manual_seed(0)
+    img = torch.nn.functional.normalize(torch.randn(6, 8, dtype=torch.float64), dim=-1)
+    txt = torch.nn.functional.normalize(torch.randn(6, 8, dtype=torch.float64), dim=-1)
+    scale = torch.tensor(10.0, dtype=torch.float64)
+    labels = torch.tensor([0, 1, 0, 2, 1, 3])
+    exclude = (labels[:, None] == labels[None, :]) & ~torch.eye(6, dtype=torch.bool)
+    # No exclusion: ContrastiveLoss's own value.
+    assert clip_loss_rows(img, txt, img, txt, scale, 0, None) == ContrastiveLoss()(img, txt, scale)
+    # By hand: each row's softmax runs over its positive and the other classes' columns only.
+    want = 0.0
+    for i in range(6):
+        keep = [j for j in range(6) if j == i or labels[j] != labels[i]]
+        for a, b in ((img, txt), (txt, img)):
+            logits = scale * a[i] @ b[keep].T
+            want += -(logits[keep.index(i)] - torch.logsumexp(logits, 0)) / 12
+    assert torch.allclose(clip_loss_rows(img, txt, img, txt, scale, 0, exclude), want, atol=1e-12)
+
+
+def test_wise_interpolation_ends_exact_and_linear():
+    zs = {"w": torch.randn(4, 3), "n": torch.tensor(3)}
+    ft = {"w": torch.randn(4, 3), "n": torch.tensor(5)}
+    assert torch.equal(interpolate(zs, ft, 0.0)["w"], zs["w"]) and torch.equal(interpolate(zs, ft, 1.0)["w"], ft["w"])
+    assert torch.allclose(interpolate(zs, ft, 0.3)["w"], 0.7 * zs["w"] + 0.3 * ft["w"], atol=1e-6)
+    assert interpolate(zs, ft, 0.3)["n"] == 5  # integer buffers are not mixed
+
+
+# ---------------------------------------------------------------------------------------- end to end
+
+
+def test_early_stopping_restores_best_step_bitwise(digits_dir, tiny_folder, tmp_path):
+    recipe = load_finetune_recipe(
+        _recipe(
+            tmp_path, digits_dir, tiny_folder, steps=12, eval_every=1, patience=3, lr=3e-2, warmup=1, wise_alphas=[]
+        )  # fmt: skip
+    )
+    snapshots = {}
+    finetune(recipe, tmp_path / "run", on_eval=lambda step, m, module: snapshots.setdefault(
+        step, {k: v.clone() for k, v in module.state_dict().items()}))  # fmt: skip
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    val = {r["step"]: r["val/accuracy"] for r in rows if "val/accuracy" in r}
+    best = max(val, key=lambda s: (val[s], -s))  # the first step reaching the best accuracy
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["best_step"] == best
+    assert summary["stopped_early"] == (summary["steps_run"] < 12)
+    assert max(val) > best, "the run went on past its best step (else restoring proves nothing)"
+    saved = load_file(str(tmp_path / "run" / "model" / "open_clip_model.safetensors"))
+    head = load_head(tmp_path / "run" / "model")
+    for k, v in snapshots[best].items():
+        got = head.state_dict()[k.removeprefix("head.")] if k.startswith("head.") else saved[k.removeprefix("model.")]
+        assert torch.equal(got, v), k
+    last = snapshots[max(snapshots)]
+    assert any(not torch.equal(last[k], snapshots[best][k]) for k in last)
+
+
+@pytest.mark.parametrize("mode", ["ce", "flyp", "linear"])
+def test_mode_through_cli_writes_loadable_model(mode, digits_dir, tiny_folder, tmp_path):
+    extra = {"train_head": False} if mode == "ce" else {}
+    rc = main(["finetune", str(_recipe(tmp_path, digits_dir, tiny_folder, mode=mode, **extra)), "--out",
+               str(tmp_path / "run")])  # fmt: skip
+    assert rc == 0
+    run = tmp_path / "run"
+    summary = json.loads((run / "summary.json").read_text())
+    for f in ("curves.png", "wise.png", "wise.json", "reports/finetuned/test.json", "reports/wise/val_confusion.png"):
+        assert (run / f).is_file() or (mode == "linear" and f == "curves.png"), f
+    assert (run / "model" / HEAD_NAME).is_file() and (run / "wise" / "open_clip_model.safetensors").is_file()
+    model, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{run / 'model'}")
+    assert model.visual.image_size == (16, 16)
+    out = tmp_path / "zs.json"
+    assert main(["eval", "zeroshot", "--checkpoint", str(run / "model"), "--data", str(digits_dir / "test-*.tar"),
+                 "--classnames", str(digits_dir / "classnames.txt"), "--templates",
+                 str(digits_dir / "templates.txt"), "--workers", "0", "--out", str(out)]) == 0  # fmt: skip
+    acc1 = json.loads(out.read_text())["metrics"]["acc1"]
+    if mode in ("ce", "flyp"):  # the head is the text tower's zero-shot head: the folder alone is the classifier
+        assert acc1 == pytest.approx(summary["finetuned"]["test"]["accuracy"], abs=1e-6)
+    if mode == "linear":  # frozen towers: the folder's zero-shot accuracy is the starting model's
+        assert acc1 == pytest.approx(summary["zeroshot"]["test"]["accuracy"], abs=1e-6)
+
+
+# ---------------------------------------------------------------------------------------- bad input
+
+
+def _rewrite(src: str, out: Path, prefix: str, change) -> None:
+    """Copies the real samples of shard `src` into out/prefix-*.tar, passing each json dict through change()."""
+
+    def samples():
+        for s in read_tar_samples(iter([src]), Counter()):
+            meta = change(s["__key__"], json.loads(s["json"]))
+            yield {"__key__": s["__key__"], "png": s["png"], "txt": s["txt"], "json": meta}
+
+    write_shards(samples(), out, prefix)
+
+
+@pytest.mark.parametrize("problem", ["label_outside", "missing_label", "class_without_val", "template_without_c"])
+def test_bad_input_refused_before_training(problem, digits_dir, tiny_folder, tmp_path, capsys):
+    data = tmp_path / "data"
+    data.mkdir()
+    for name in ("classnames.txt", "templates.txt"):
+        (data / name).write_text((digits_dir / name).read_text())
+    train, test = expand_shards(str(digits_dir / "train-*.tar"))[0], expand_shards(str(digits_dir / "test-*.tar"))[0]
+    bad_key = "digits_0007"
+    first = {"key": None}
+
+    def change(key, meta):
+        if problem == "label_outside" and first["key"] is None:
+            first["key"], meta["label"] = key, 10
+        if problem == "missing_label" and first["key"] is None:
+            first["key"] = key
+            del meta["label"]
+        return meta
+
+    _rewrite(train, data, "train", change)
+    _rewrite(test, data, "test", lambda k, m: m)
+    extra = {}
+    if problem == "class_without_val":  # validation without any "nine"
+        _rewrite(test, data / "val", "val", lambda k, m: {**m, "label": min(m["label"], 8)})
+        extra["val"] = "val/val-*.tar"
+    if problem == "template_without_c":
+        (data / "templates.txt").write_text("a photo of the digit {c}.\na photo of a number\n")
+    recipe = _recipe(tmp_path, data, tiny_folder, **extra)
+    rc = main(["finetune", str(recipe), "--out", str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    assert rc == 2
+    want = {
+        "label_outside": [str(first["key"]), "label 10", "outside the 10 classnames"],
+        "missing_label": [str(first["key"]), "no 'label'"],
+        "class_without_val": ["'nine'", "val-*.tar", "no sample"],
+        "template_without_c": [str(data / "templates.txt"), "line 2", "'a photo of a number'"],
+    }[problem]
+    for piece in want:
+        assert piece in err, (piece, err)
+    assert bad_key  # keys are the real digits keys
+    assert not (tmp_path / "run" / "metrics.jsonl").exists() and not (tmp_path / "run" / "model").exists()

@@ -1,0 +1,154 @@
+"""The fine-tuning study of docs/finetune.md: zero-shot vs linear probe vs `ce` vs `flyp` vs best WiSE-FT.
+
+Builds a shifted Fashion-MNIST test set (every official test image inverted to dark-on-light and blurred: same labels,
+another look), then runs `clipkit finetune` (recipes/finetune-fashion-mnist.yaml) for each mode and seed with the
+official test split and the shifted set as extra eval sets, and writes one table: accuracy in distribution (test) and
+under the shift, mean +- std over seeds, with wall times. Hyper-parameters are the recipe's (chosen on validation;
+the test sets are only read for the table).
+
+    python tools/finetune_study.py --model runs/quickstart/model --data data --out runs/finetune-study \
+        --seeds 0 1 2 --modes linear ce flyp
+
+Writes <out>/<mode>-s<seed>/ (each a finetune run folder), <out>/study.json and <out>/study.md; with --bench also
+docs/bench/finetune_study.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import statistics
+import sys
+import time
+from pathlib import Path
+
+from PIL import Image, ImageFilter, ImageOps
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from clipkit.config import load_finetune_recipe  # noqa: E402
+from clipkit.data.pipeline import read_tar_samples  # noqa: E402
+from clipkit.data.shards import encode_png, expand_shards, write_shards  # noqa: E402
+from clipkit.files import write_json_atomic, write_text_atomic  # noqa: E402
+from clipkit.finetune import finetune  # noqa: E402
+
+RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "finetune-fashion-mnist.yaml"
+SHIFTED = "fashion-mnist-shifted"
+BLUR_RADIUS = 1.0  # pixels of the 28 px original
+
+
+def shift(image: Image.Image) -> Image.Image:
+    """The shift: invert (light garments on black become dark on white), then a Gaussian blur."""
+    return ImageOps.invert(image.convert("RGB")).filter(ImageFilter.GaussianBlur(BLUR_RADIUS))
+
+
+def build_shifted(data: Path) -> Path:
+    """Writes <data>/fashion-mnist-shifted/test-*.tar from the official test shards (same keys, labels, captions)."""
+    import io
+    from collections import Counter
+
+    out = data / SHIFTED
+    if (out / "dataset.json").is_file():
+        return out
+    src = data / "fashion-mnist"
+
+    def samples():
+        for s in read_tar_samples(iter(expand_shards(str(src / "test-*.tar"))), Counter()):
+            png = encode_png(shift(Image.open(io.BytesIO(s["png"]))))
+            yield {"__key__": s["__key__"], "png": png, "txt": s["txt"], "json": s["json"]}
+
+    shards = write_shards(samples(), out, "test", maxcount=5000)
+    for name in ("classnames.txt", "templates.txt"):
+        write_text_atomic(out / name, (src / name).read_text(encoding="utf-8"))
+    write_json_atomic(out / "dataset.json", {"name": SHIFTED, "from": str(src), "shift": f"invert + blur {BLUR_RADIUS}",
+                                             "shards": shards})  # fmt: skip
+    return out
+
+
+def run_one(mode: str, seed: int, args: argparse.Namespace) -> dict:
+    folder = args.out / f"{mode}-s{seed}"
+    if (folder / "summary.json").is_file() and not args.rerun:
+        return json.loads((folder / "summary.json").read_text())
+    overrides = [f"data_root={args.data}", f"seed={seed}", f"finetune.mode={mode}", f"finetune.model={args.model}",
+                 f"finetune.eval_sets=[{{name: test, shards: fashion-mnist/test-*.tar}}, "
+                 f"{{name: shifted, shards: {SHIFTED}/test-*.tar}}]", *args.set]  # fmt: skip
+    recipe = load_finetune_recipe(RECIPE, overrides)
+    t0 = time.perf_counter()
+    summary = finetune(recipe, folder)
+    summary["wall_seconds"] = time.perf_counter() - t0
+    write_json_atomic(folder / "summary.json", summary, sort_keys=False)
+    return summary
+
+
+def _mean_std(values: list[float]) -> str:
+    if not values:
+        return "-"
+    if len(values) == 1:
+        return f"{values[0]:.4f}"
+    return f"{statistics.mean(values):.4f} +- {statistics.stdev(values):.4f}"
+
+
+def table(runs: dict[str, list[dict]]) -> tuple[str, list[dict]]:
+    """Markdown rows: zero-shot, then each mode's fine-tuned model, then the best WiSE-FT mix of ce and flyp."""
+    rows = []
+    first = next(iter(runs.values()))
+    rows.append({"method": "zero-shot (quickstart model)", "runs": first, "key": "zeroshot", "time": None})
+    names = {"linear": "linear probe (frozen towers, `linear`)", "ce": "fine-tune `ce`", "flyp": "fine-tune `flyp`"}
+    for mode, summaries in runs.items():
+        rows.append({"method": names[mode], "runs": summaries, "key": "finetuned", "time": "wall_seconds"})
+    for mode in ("ce", "flyp"):
+        if mode in runs and "wise" in runs[mode][0]:
+            rows.append({"method": f"WiSE-FT of `{mode}` (a chosen on val)", "runs": runs[mode], "key": "wise",
+                         "time": None})  # fmt: skip
+    lines = ["| method | seeds | val | test (in distribution) | shifted (inverted + blurred) | a | wall time (s) |",
+             "|---|---|---|---|---|---|---|"]  # fmt: skip
+    out = []
+    for r in rows:
+        acc = {s: [x[r["key"]][s]["accuracy"] for x in r["runs"]] for s in ("val", "test", "shifted")}
+        alpha = ", ".join(f"{x['wise']['alpha']:g}" for x in r["runs"]) if r["key"] == "wise" else ""
+        times = [x[r["time"]] for x in r["runs"]] if r["time"] else []
+        wall = _mean_std(times).replace(".0000", "") if times else ""
+        if times:
+            wall = f"{statistics.mean(times):.0f}" + (f" +- {statistics.stdev(times):.0f}" if len(times) > 1 else "")
+        seeds = ",".join(str(x["seed"]) for x in r["runs"])
+        cells = [_mean_std(acc["val"]), _mean_std(acc["test"]), _mean_std(acc["shifted"])]
+        lines.append(f"| {r['method']} | {seeds} | {' | '.join(cells)} | {alpha} | {wall} |")
+        out.append({"method": r["method"], "seeds": seeds, "accuracy": acc, "alpha": alpha, "wall_seconds": times})
+    return "\n".join(lines) + "\n", out
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="runs/quickstart/model", help="the quickstart model folder")
+    p.add_argument("--data", type=Path, default=Path("data"), help="folder holding fashion-mnist/ (built)")
+    p.add_argument("--out", type=Path, default=Path("runs/finetune-study"))
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--modes", nargs="+", default=["linear", "ce", "flyp"], choices=["linear", "ce", "flyp"])
+    p.add_argument("--set", nargs="*", default=[], help="extra recipe overrides (dotted.key=value)")
+    p.add_argument("--rerun", action="store_true", help="rerun runs that already have a summary.json")
+    p.add_argument("--bench", action="store_true", help="also write docs/bench/finetune_study.json")
+    args = p.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    args.data = args.data.resolve()
+    build_shifted(args.data)
+    runs: dict[str, list[dict]] = {}
+    for seed in args.seeds:  # seed-major: a cut-short study still has every mode of the first seeds
+        for mode in args.modes:
+            runs.setdefault(mode, []).append(run_one(mode, seed, args))
+            md, rows = table(runs)
+            write_text_atomic(args.out / "study.md", md)
+            write_json_atomic(args.out / "study.json", {"rows": rows, "runs": runs}, sort_keys=False)
+    print(md)
+    if args.bench:
+        import os
+
+        facts = {"loadavg_end": os.getloadavg(), "command": " ".join(sys.argv), "rows": rows}
+        write_json_atomic(
+            Path(__file__).resolve().parents[1] / "docs/bench/finetune_study.json", facts, sort_keys=False
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
