@@ -120,7 +120,8 @@ def test_eval_rows_embeddings_and_metrics_do_not_depend_on_workers(model_dir, th
     for w, emb in runs.items():
         assert [m["key"] for m in emb.meta] == [m["key"] for m in ref.meta], w  # shard order at any count
         assert emb.skipped == ref.skipped, w  # skip counts travel back from the workers
-        np.testing.assert_array_equal(emb.image, ref.image, err_msg=f"workers={w}")  # same batches: same bits
+        # Same batches; the model runs on cores - workers threads (clipkit/threads.py), so only summation order differs.
+        np.testing.assert_allclose(emb.image, ref.image, rtol=0, atol=1e-6, err_msg=f"workers={w}")
         np.testing.assert_array_equal(emb.text_to_image, ref.text_to_image)
 
     # A parts export (one shard per part) with a worker per part gives the same rows.
@@ -129,7 +130,7 @@ def test_eval_rows_embeddings_and_metrics_do_not_depend_on_workers(model_dir, th
     )
     assert report["complete"]
     exported = load_embeddings(tmp_path / "emb")
-    np.testing.assert_array_equal(np.asarray(exported["image_emb"]), ref.image)
+    np.testing.assert_allclose(np.asarray(exported["image_emb"]), ref.image, rtol=0, atol=1e-6)
     assert [m["key"] for m in exported["meta"]] == [m["key"] for m in ref.meta]
 
     classnames = evals.read_lines(three_shards_broken / "classnames.txt", "classnames")

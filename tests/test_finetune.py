@@ -105,7 +105,7 @@ def test_flyp_loss_excludes_same_class_pairs():
     labels = torch.tensor([0, 1, 0, 2, 1, 3])
     exclude = (labels[:, None] == labels[None, :]) & ~torch.eye(6, dtype=torch.bool)
     # No exclusion: ContrastiveLoss's own value.
-    assert clip_loss_rows(img, txt, img, txt, scale, 0, None) == ContrastiveLoss()(img, txt, scale)
+    assert clip_loss_rows(img, txt, img, txt, scale, exclude=None) == ContrastiveLoss()(img, txt, scale)
     # By hand: each row's softmax runs over its positive and the other classes' columns only.
     want = 0.0
     for i in range(6):
@@ -113,7 +113,7 @@ def test_flyp_loss_excludes_same_class_pairs():
         for a, b in ((img, txt), (txt, img)):
             logits = scale * a[i] @ b[keep].T
             want += -(logits[keep.index(i)] - torch.logsumexp(logits, 0)) / 12
-    assert torch.allclose(clip_loss_rows(img, txt, img, txt, scale, 0, exclude), want, atol=1e-12)
+    assert torch.allclose(clip_loss_rows(img, txt, img, txt, scale, exclude=exclude), want, atol=1e-12)
 
 
 def test_wise_interpolation_ends_exact_and_linear():

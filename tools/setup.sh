@@ -6,7 +6,7 @@ cd "$(dirname "$0")/.."
 extras="${1:-}"
 
 debs=(fonts-noto-color-emoji unicode-data unicode-cldr-core dataset-fashion-mnist openclipart-svg libcairo2)
-# The search page's browser test (tests/test_serve_page.py): a real chromium driven by selenium.
+# The search page's browser test (tests/test_serve.py): a real chromium driven by selenium.
 [[ ",${extras}," == *",test,"* ]] && debs+=(chromium chromium-driver)
 missing=()
 for p in "${debs[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done

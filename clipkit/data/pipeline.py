@@ -392,7 +392,11 @@ def read_tar_samples(
 
 
 def shuffle_buffer(samples: Iterator, size: int, rng: random.Random) -> Iterator:
-    """Within-stream shuffle with a buffer of `size` items (0 = no shuffling)."""
+    """Within-stream shuffle with a buffer of `size` items (0 = no shuffling).
+
+    Ours, not webdataset's `shuffle` (which also takes an rng but fills and draws differently): the sample order of
+    every existing run, and so its exact resume, stays as it was.
+    """
     if size <= 1:
         yield from samples
         return
@@ -437,6 +441,9 @@ def stream_seed(seed: int, epoch: int, rank: int, worker: int) -> int:
 
 class TrainStream(torch.utils.data.IterableDataset):
     """Batches {"image": [B, 3, H, W], "text": [B, L] int64, "key": list, "skipped": dict} for one process.
+
+    The batching is ours, not webdataset's `batched`: each batch carries the skip counts since the previous one (how
+    they reach the training process from loader workers) and stops at an exact count per worker in epoch mode.
 
     "image" is float: the transform's output, or on the fast path (`fast` and open_clip's training transform; see
     `FastCrop`) the batch normalized at once. With `normalize_on_device` fast-path batches stay uint8 and

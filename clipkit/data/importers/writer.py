@@ -230,7 +230,8 @@ def _write_shard(
                     skipped[reason] += 1
                     shown = examples.setdefault(reason, [])
                     if len(shown) < MAX_EXAMPLES:
-                        shown.append(f"{row.rel}: {detail}" if detail else row.rel)
+                        named = not detail or detail.startswith(f"{row.rel}:")  # image errors name the file already
+                        shown.append((detail or row.rel) if named else f"{row.rel}: {detail}")
                     continue
                 kept[res.digest] = row.rel
                 for name, data in _sample_bytes(key, row, res, shard.split, classnames).items():
