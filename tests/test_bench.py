@@ -50,6 +50,7 @@ def test_make_photo_shards_writes_captioned_jpegs(photos):
     assert json.loads((photos / "sizes.json").read_text()) == {"photos-000000.tar": 4, "photos-000001.tar": 4}
 
 
+@pytest.mark.slow  # ~20 s; the same harness as bench_train's smoke
 def test_bench_loader_prints_a_ratio(photos, tmp_path):
     out = run_tool("bench_loader", "--data", str(photos / "photos-*.tar"), "--batch", "4", "--batches", "2",
                    "--skip", "1", "--pairs", "1", "--workers", "0", "--lock", "",
@@ -75,6 +76,7 @@ def test_bench_train_prints_ratio_and_mfu_and_plots(photos, tmp_path):
         assert Image.open(tmp_path / f"{by}.png").size[0] > 100
 
 
+@pytest.mark.slow  # ~50 s; test_bench_train_prints_ratio_and_mfu_and_plots smokes the bench harness
 def test_bench_variants_optim_step_and_stages_print_their_figures(photos, tmp_path):
     cfg = tmp_path / "tiny.json"
     cfg.write_text(json.dumps(TINY_MODEL))

@@ -188,6 +188,7 @@ def test_two_torchrun_nodes_equal_one_launcher(tmp_path, one_launcher):
     assert "2 process(es) on this host" in logs
 
 
+@pytest.mark.slow  # ~20 s; the torchrun variant is in the default path
 def test_two_accelerate_nodes_equal_one_launcher(tmp_path, one_launcher):
     recipe, reference = one_launcher
     start = time.time()
@@ -293,6 +294,7 @@ def test_rank_with_only_unusable_data_stops_every_process(tmp_path, digits_dir):
     assert "no usable sample among the first" in a.text() + b.text()
 
 
+@pytest.mark.slow  # ~35 s; the planted one-rank failures stay in the default path
 def test_rank_whose_data_stalls_is_ended_by_its_watchdog(tmp_path, digits_dir):
     """Rank 1's data never comes (a stalled file system, no error to raise): its watchdog ends it with every
     thread's stack, and rank 0's collective timeout ends the other within train.timeout."""
