@@ -39,6 +39,7 @@ FIXED_ON_RESUME = (
     "data.caption",
     "data.resampled",
     "data.fast_images",
+    "data.augment",
     "train.loss",
     "train.local_loss",
     "train.gather_with_grad",
@@ -101,7 +102,8 @@ def check_resume_recipe(recipe: Recipe, out_dir: Path, ckpt: Path, world_size: i
     saved_path = out_dir / "recipe.yaml"
     saved = _flat(yaml.safe_load(saved_path.read_text(encoding="utf-8")) or {}) if saved_path.is_file() else {}
     now = _flat(json.loads(json.dumps(to_dict(recipe))))  # tuples -> lists, as in the YAML
-    changed = sorted(k for k in saved.keys() | now.keys() if saved.get(k) != now.get(k) and k != "data_root")
+    # A key the saved recipe lacks came with a newer clipkit: the run used what its default does now.
+    changed = sorted(k for k in saved if saved[k] != now.get(k) and k != "data_root")
     fixed = [k for k in changed if any(k == p or k.startswith(p) for p in FIXED_ON_RESUME)]
     lines = [f"  {k}: {saved.get(k)!r} in {saved_path.name} -> {now.get(k)!r} now" for k in fixed]
     saved_world = len(list(ckpt.glob("progress-*.json")))

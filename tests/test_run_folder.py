@@ -118,3 +118,22 @@ def test_a_stop_signal_ends_a_run_whose_data_never_comes(tmp_path, digits_dir, m
     monkeypatch.setitem(faults._FAULTS, "stall_data", set())
     assert main(["train", str(recipe), "--out", str(run), "--resume", "latest", "data.workers=0"]) == 0
     assert json.loads((run / "summary.json").read_text())["steps"] == 6
+
+
+def test_a_recipe_from_before_a_new_key_resumes_and_the_key_is_fixed(tmp_path, finished, capsys):
+    """A saved recipe without `data.augment` (an older clipkit) resumes with the default; changing it is refused."""
+    import shutil
+
+    recipe, run0 = finished
+    run = tmp_path / "run"
+    shutil.copytree(run0, run)
+    saved = yaml.safe_load((run / "recipe.yaml").read_text())
+    del saved["data"]["augment"]
+    (run / "recipe.yaml").write_text(yaml.safe_dump(saved, sort_keys=False))
+    args = ["train", str(recipe), "--out", str(run), "--resume", "latest", "data.workers=0"]
+    assert main([*args, "train.steps=5"]) == 0  # the key absent before is not compared
+    capsys.readouterr()
+    shutil.rmtree(run)
+    shutil.copytree(run0, run)
+    assert main([*args, "data.augment.gray_scale_prob=0.5"]) == 2
+    assert "data.augment.gray_scale_prob: None in recipe.yaml -> 0.5 now" in capsys.readouterr().err
