@@ -1,16 +1,17 @@
-"""The fine-tuning study of docs/finetune.md: zero-shot vs linear probe vs `ce` vs `flyp` vs best WiSE-FT.
+"""The fine-tuning studies of docs/finetune.md: zero-shot vs linear probe vs `ce` vs `flyp` vs best WiSE-FT.
 
-Builds a shifted Fashion-MNIST test set (every official test image inverted to dark-on-light and blurred: same labels,
-another look), then runs `clipkit finetune` (recipes/finetune-fashion-mnist.yaml) for each mode and seed with the
-official test split and the shifted set as extra eval sets, and writes one table: accuracy in distribution (test) and
-under the shift, mean +- std over seeds, with wall times. Hyper-parameters are the recipe's (chosen on validation;
-the test sets are only read for the table).
+Two labelled sets, each with a shifted copy of its test split (same keys and labels, another look):
+- fashion-mnist (recipes/finetune-fashion-mnist.yaml): every official test image inverted to dark-on-light, blurred;
+- emoji (recipes/finetune-emoji.yaml, the 9 Unicode groups of the Noto renders): grayscale, blurred.
+For each mode and seed it runs `clipkit finetune` with the test split and the shifted set as extra eval sets and
+writes one table: accuracy in distribution (test) and under the shift, mean +- std over seeds, with wall times.
+Hyper-parameters are the recipe's (chosen on validation; the test sets are only read for the table).
 
-    python tools/finetune_study.py --model runs/quickstart/model --data data --out runs/finetune-study \
-        --seeds 0 1 2 --modes linear ce flyp
+    python tools/finetune_study.py --dataset fashion-mnist --model runs/quickstart/model --data data \
+        --out runs/finetune-study --seeds 0 1 2 --modes linear ce flyp
 
 Writes <out>/<mode>-s<seed>/ (each a finetune run folder), <out>/study.json and <out>/study.md; with --bench also
-docs/bench/finetune_study.json.
+docs/bench/finetune_study_<dataset>.json.
 """
 
 from __future__ import annotations
@@ -33,25 +34,36 @@ from clipkit.data.shards import encode_png, expand_shards, write_shards  # noqa:
 from clipkit.files import write_json_atomic, write_text_atomic  # noqa: E402
 from clipkit.finetune import finetune  # noqa: E402
 
-RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "finetune-fashion-mnist.yaml"
-SHIFTED = "fashion-mnist-shifted"
-BLUR_RADIUS = 1.0  # pixels of the 28 px original
+ROOT = Path(__file__).resolve().parents[1]
 
 
-def shift(image: Image.Image) -> Image.Image:
-    """The shift: invert (light garments on black become dark on white), then a Gaussian blur."""
-    return ImageOps.invert(image.convert("RGB")).filter(ImageFilter.GaussianBlur(BLUR_RADIUS))
+def invert_blur(image: Image.Image) -> Image.Image:
+    """Fashion-MNIST's shift: invert (light garments on black become dark on white), then blur 1 px (of 28)."""
+    return ImageOps.invert(image.convert("RGB")).filter(ImageFilter.GaussianBlur(1.0))
 
 
-def build_shifted(data: Path) -> Path:
-    """Writes <data>/fashion-mnist-shifted/test-*.tar from the official test shards (same keys, labels, captions)."""
+def gray_blur(image: Image.Image) -> Image.Image:
+    """The emoji shift: grayscale (the colour cue gone), then blur 2 px (of 72)."""
+    return ImageOps.grayscale(image.convert("RGB")).convert("RGB").filter(ImageFilter.GaussianBlur(2.0))
+
+
+# dataset -> (recipe, shift function, its description in the table header)
+STUDIES = {
+    "fashion-mnist": (ROOT / "recipes" / "finetune-fashion-mnist.yaml", invert_blur, "inverted + blurred"),
+    "emoji": (ROOT / "recipes" / "finetune-emoji.yaml", gray_blur, "grayscale + blurred"),
+}
+
+
+def build_shifted(data: Path, dataset: str) -> Path:
+    """Writes <data>/<dataset>-shifted/test-*.tar from the test shards (same keys, labels, captions)."""
     import io
     from collections import Counter
 
-    out = data / SHIFTED
+    shift, what = STUDIES[dataset][1], STUDIES[dataset][2]
+    out = data / f"{dataset}-shifted"
     if (out / "dataset.json").is_file():
         return out
-    src = data / "fashion-mnist"
+    src = data / dataset
 
     def samples():
         for s in read_tar_samples(iter(expand_shards(str(src / "test-*.tar"))), Counter()):
@@ -61,8 +73,7 @@ def build_shifted(data: Path) -> Path:
     shards = write_shards(samples(), out, "test", maxcount=5000)
     for name in ("classnames.txt", "templates.txt"):
         write_text_atomic(out / name, (src / name).read_text(encoding="utf-8"))
-    write_json_atomic(out / "dataset.json", {"name": SHIFTED, "from": str(src), "shift": f"invert + blur {BLUR_RADIUS}",
-                                             "shards": shards})  # fmt: skip
+    write_json_atomic(out / "dataset.json", {"name": out.name, "from": str(src), "shift": what, "shards": shards})
     return out
 
 
@@ -71,9 +82,9 @@ def run_one(mode: str, seed: int, args: argparse.Namespace) -> dict:
     if (folder / "summary.json").is_file() and not args.rerun:
         return json.loads((folder / "summary.json").read_text())
     overrides = [f"data_root={args.data}", f"seed={seed}", f"finetune.mode={mode}", f"finetune.model={args.model}",
-                 f"finetune.eval_sets=[{{name: test, shards: fashion-mnist/test-*.tar}}, "
-                 f"{{name: shifted, shards: {SHIFTED}/test-*.tar}}]", *args.set]  # fmt: skip
-    recipe = load_finetune_recipe(RECIPE, overrides)
+                 f"finetune.eval_sets=[{{name: test, shards: {args.dataset}/test-*.tar}}, "
+                 f"{{name: shifted, shards: {args.dataset}-shifted/test-*.tar}}]", *args.set]  # fmt: skip
+    recipe = load_finetune_recipe(STUDIES[args.dataset][0], overrides)
     t0 = time.perf_counter()
     summary = finetune(recipe, folder)
     summary["wall_seconds"] = time.perf_counter() - t0
@@ -89,7 +100,7 @@ def _mean_std(values: list[float]) -> str:
     return f"{statistics.mean(values):.4f} +- {statistics.stdev(values):.4f}"
 
 
-def table(runs: dict[str, list[dict]]) -> tuple[str, list[dict]]:
+def table(runs: dict[str, list[dict]], shift: str) -> tuple[str, list[dict]]:
     """Markdown rows: zero-shot, then each mode's fine-tuned model, then the best WiSE-FT mix of ce and flyp."""
     rows = []
     first = next(iter(runs.values()))
@@ -101,7 +112,7 @@ def table(runs: dict[str, list[dict]]) -> tuple[str, list[dict]]:
         if mode in runs and "wise" in runs[mode][0]:
             rows.append({"method": f"WiSE-FT of `{mode}` (a chosen on val)", "runs": runs[mode], "key": "wise",
                          "time": None})  # fmt: skip
-    lines = ["| method | seeds | val | test (in distribution) | shifted (inverted + blurred) | a | wall time (s) |",
+    lines = [f"| method | seeds | val | test (in distribution) | shifted ({shift}) | a | wall time (s) |",
              "|---|---|---|---|---|---|---|"]  # fmt: skip
     out = []
     for r in rows:
@@ -120,8 +131,9 @@ def table(runs: dict[str, list[dict]]) -> tuple[str, list[dict]]:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--dataset", choices=sorted(STUDIES), default="fashion-mnist")
     p.add_argument("--model", default="runs/quickstart/model", help="the quickstart model folder")
-    p.add_argument("--data", type=Path, default=Path("data"), help="folder holding fashion-mnist/ (built)")
+    p.add_argument("--data", type=Path, default=Path("data"), help="folder holding the built dataset")
     p.add_argument("--out", type=Path, default=Path("runs/finetune-study"))
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--modes", nargs="+", default=["linear", "ce", "flyp"], choices=["linear", "ce", "flyp"])
@@ -131,12 +143,12 @@ def main() -> int:
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     args.data = args.data.resolve()
-    build_shifted(args.data)
+    build_shifted(args.data, args.dataset)
     runs: dict[str, list[dict]] = {}
     for seed in args.seeds:  # seed-major: a cut-short study still has every mode of the first seeds
         for mode in args.modes:
             runs.setdefault(mode, []).append(run_one(mode, seed, args))
-            md, rows = table(runs)
+            md, rows = table(runs, STUDIES[args.dataset][2])
             write_text_atomic(args.out / "study.md", md)
             write_json_atomic(args.out / "study.json", {"rows": rows, "runs": runs}, sort_keys=False)
     print(md)
@@ -144,9 +156,7 @@ def main() -> int:
         import os
 
         facts = {"loadavg_end": os.getloadavg(), "command": " ".join(sys.argv), "rows": rows}
-        write_json_atomic(
-            Path(__file__).resolve().parents[1] / "docs/bench/finetune_study.json", facts, sort_keys=False
-        )
+        write_json_atomic(ROOT / f"docs/bench/finetune_study_{args.dataset}.json", facts, sort_keys=False)
     return 0
 
 

@@ -104,60 +104,30 @@ def _finetune(recipe: Recipe, out_dir: str | Path, on_eval=None) -> dict:
         if tracker is not None:
             tracker.log(row, step=row["step"])
 
-    model = bundle.model
-    head = zeroshot_head(model, bundle.tokenizer, d["classnames"], d["templates"], device)
-    if f.mode == "ce":
-        mode = CrossEntropyMode(model, head, f.train_head)
-    elif f.mode == "flyp":
-        mode = FlypMode(model, bundle.tokenizer, d["classnames"], d["templates"], device)
-    else:
-        mode = LinearMode(model, head)
+    mode = _make_mode(f.mode, f.train_head, bundle, d, device)
     zeroshot_state = {k: v.detach().clone() for k, v in mode.module.state_dict().items()}
-
-    if mode.trains:
-        result = fit(mode, d["train"], d["val"], pixels, f, recipe.seed, device, record, on_eval)
-    else:
-        t0 = time.perf_counter()
-        feats = {k: features(model, d[k], pixels, f.eval_batch_size, device) for k in ("train", "val")}
-        tried = mode.fit(feats["train"], d["train"].labels.numpy(), feats["val"], d["val"].labels.numpy(),
-                         f.linear_c_grid, recipe.seed)  # fmt: skip
-        for row in tried:
-            log.info("linear: C=%g val accuracy %.4f%s", row["C"], row["val_accuracy"], " (chosen)" * row["chosen"])
-        result = {"linear_c": tried, "train_seconds": time.perf_counter() - t0}
+    result = _train(mode, bundle.model, d, pixels, f, recipe.seed, device, record, on_eval)
     finetuned_state = {k: v.detach().clone() for k, v in mode.module.state_dict().items()}
-    classifier = mode.classifier()
     info = {"recipe": recipe.name, "mode": f.mode, "classnames": d["classnames"], "source": str(f.model)}
-    _save(out / "model", classifier, bundle.config, {**info, **_jsonable(result)})
-
-    sets = {"val": d["val"], **d["sets"]}
-    alphas = sorted(set(f.wise_alphas) | {0.0, 1.0})
-    preds: dict[float, dict] = {}
-
-    def evaluate(alpha: float) -> dict:
-        clf = mode.classifier()
-        logits = {name: predict_logits(clf, s, pixels, f.eval_batch_size, device) for name, s in sets.items()}
-        preds[alpha] = {name: lg.argmax(dim=1).numpy() for name, lg in logits.items()}
-        return {name: scores(lg, sets[name].labels) for name, lg in logits.items()}
+    _save(out / "model", mode.classifier(), bundle.config, {**info, **_jsonable(result)})
 
     t_eval = time.perf_counter()
-    rows = sweep(mode.module, zeroshot_state, finetuned_state, alphas, evaluate)
-    by_alpha = {r["alpha"]: r for r in rows}
+    sets = {"val": d["val"], **d["sets"]}
+    by_alpha, preds = _sweep(mode, zeroshot_state, finetuned_state, sets, pixels, f, device)
     summary = {"recipe": to_dict(recipe)["finetune"], "mode": f.mode, "seed": recipe.seed, **_jsonable(result)}
     summary["n"] = {"train": len(d["train"]), **{k: len(v) for k, v in sets.items()}}
-    summary["zeroshot"] = {k: v for k, v in by_alpha[0.0].items() if k != "alpha"}
-    summary["finetuned"] = {k: v for k, v in by_alpha[1.0].items() if k != "alpha"}
     models = {"zeroshot": 0.0, "finetuned": 1.0}
     if f.wise_alphas:
         wise_rows = [by_alpha[a] for a in sorted(set(f.wise_alphas))]
-        chosen = best_alpha(wise_rows)
-        models["wise"] = chosen
-        summary["wise"] = {"alpha": chosen, **{k: v for k, v in by_alpha[chosen].items() if k != "alpha"}}
+        models["wise"] = chosen = best_alpha(wise_rows)
         write_json_atomic(out / "wise.json", {"chosen_on_val": chosen, "rows": wise_rows}, sort_keys=False)
         plot_wise(wise_rows, list(sets), chosen, out / "wise.png")
         mode.module.load_state_dict(interpolate(zeroshot_state, finetuned_state, chosen))
         _save(out / "wise", mode.classifier(), bundle.config, {**info, "wise_alpha": chosen})
         mode.module.load_state_dict(finetuned_state)
     for name, alpha in models.items():
+        summary[name] = {**({"alpha": alpha} if name == "wise" else {}),
+                         **{k: v for k, v in by_alpha[alpha].items() if k != "alpha"}}  # fmt: skip
         for set_name, data in sets.items():
             title = f"{name} (a={alpha:g}) on {set_name}" if name == "wise" else f"{name} on {set_name}"
             write_report(out / "reports" / name, set_name, data.labels.numpy(), preds[alpha][set_name],
@@ -169,6 +139,53 @@ def _finetune(recipe: Recipe, out_dir: str | Path, on_eval=None) -> dict:
         rows_logged = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
         plot_curves(rows_logged, result["best_step"], f.monitor, out / "curves.png")
     write_json_atomic(out / "summary.json", summary, sort_keys=False)
+    _print_results(out, models, by_alpha, sets, tracker)
+    return summary
+
+
+def _make_mode(name: str, train_head: bool, bundle, d: dict, device):
+    """The `clipkit.finetune.modes` mode `name`, its head built from the class names x templates of `d`."""
+    if name == "flyp":
+        return FlypMode(bundle.model, bundle.tokenizer, d["classnames"], d["templates"], device)
+    head = zeroshot_head(bundle.model, bundle.tokenizer, d["classnames"], d["templates"], device)
+    return CrossEntropyMode(bundle.model, head, train_head) if name == "ce" else LinearMode(bundle.model, head)
+
+
+def _train(mode, model, d: dict, pixels: fdata.Pixels, f: FinetuneCfg, seed: int, device, record, on_eval) -> dict:
+    """Trains `mode` (gradient steps with early stopping, or the linear probe's C grid on `model`'s image features);
+    returns what it reports."""
+    if mode.trains:
+        return fit(mode, d["train"], d["val"], pixels, f, seed, device, record, on_eval)
+    t0 = time.perf_counter()
+    feats = {k: features(model, d[k], pixels, f.eval_batch_size, device) for k in ("train", "val")}
+    tried = mode.fit(feats["train"], d["train"].labels.numpy(), feats["val"], d["val"].labels.numpy(),
+                     f.linear_c_grid, seed)  # fmt: skip
+    for row in tried:
+        log.info("linear: C=%g val accuracy %.4f%s", row["C"], row["val_accuracy"], " (chosen)" * row["chosen"])
+    return {"linear_c": tried, "train_seconds": time.perf_counter() - t0}
+
+
+def _sweep(mode, zeroshot_state: dict, finetuned_state: dict, sets: dict, pixels, f: FinetuneCfg, device):
+    """Evaluates every WiSE-FT mix (a = 0 and 1 always) on every set.
+
+    Returns:
+        ({a: {"alpha", set: scores}}, {a: {set: [N] predicted labels}}); the fine-tuned weights are loaded after.
+    """
+    preds: dict[float, dict] = {}
+
+    def evaluate(alpha: float) -> dict:
+        clf = mode.classifier()
+        logits = {name: predict_logits(clf, s, pixels, f.eval_batch_size, device) for name, s in sets.items()}
+        preds[alpha] = {name: lg.argmax(dim=1).numpy() for name, lg in logits.items()}
+        return {name: scores(lg, sets[name].labels) for name, lg in logits.items()}
+
+    alphas = sorted(set(f.wise_alphas) | {0.0, 1.0})
+    rows = sweep(mode.module, zeroshot_state, finetuned_state, alphas, evaluate)
+    return {r["alpha"]: r for r in rows}, preds
+
+
+def _print_results(out: Path, models: dict, by_alpha: dict, sets: dict, tracker) -> None:
+    """Logs each model's accuracy per set, prints the fine-tuned model's reports, sends the finals to wandb."""
     for name, alpha in models.items():
         accs = ", ".join(f"{s} {by_alpha[alpha][s]['accuracy']:.4f}" for s in sets)
         log.info("%s%s accuracy: %s", name, f" (a={alpha:g})" if name == "wise" else "", accs)
@@ -177,7 +194,6 @@ def _finetune(recipe: Recipe, out_dir: str | Path, on_eval=None) -> dict:
     if tracker is not None:
         tracker.log({f"final/{m}/{s}/accuracy": by_alpha[a][s]["accuracy"] for m, a in models.items() for s in sets})
         tracker.finish()
-    return summary
 
 
 def _save(folder: Path, classifier, config: dict, info: dict) -> None:
