@@ -5,17 +5,21 @@
 An arm is a name and recipe overrides, `NAME=key=value,key=value` (commas inside [...] or {...} stay in the value),
 or the name of a built-in arm (ARMS: baseline, multi-positive, augment, keywords, all-lines), so a new objective
 slots in without code: `--arms baseline slip=train.slip.weight=1.0`. Every run is
-`python -m clipkit.cli train recipes/quickstart.yaml data_root=DATA seed=S <arm overrides> <eval tasks> index.shards=`
-into OUT/<arm>-s<seed>; the evaluation at its end is clipkit's own (`eval.tasks`, TASKS): emoji test retrieval
+
+    python -m clipkit.cli train recipes/quickstart.yaml data_root=DATA index.shards= eval.tasks=[...] [--set ...] \
+        seed=S <arm overrides> train.steps=N train.warmup=W --out OUT/<arm>-s<seed>
+
+with its log in OUT/logs/. The evaluation at its end is clipkit's own (`eval.tasks`, TASKS): emoji test retrieval
 R@5 both ways (the quickstart's), emoji zero-shot over its 9 Unicode groups (the builder's classnames.txt and
 templates.txt; json `label`), Fashion-MNIST zero-shot on the official test split, OpenClipart test retrieval R@5.
 
 Equal wall time (`--throughput`): first each arm trains `--throughput-warmup` + `--throughput-steps` steps, the arms
-one after another, in two rounds (so a change of machine load falls on every arm); an arm's samples/s is the mean
-of its two rounds over the steps after the warm-up. Each arm then trains
+one after another, in `--throughput-rounds` rounds (2; so a change of machine load falls on every arm); an arm's
+samples/s is the mean of its rounds over the steps after the warm-up. Each arm then trains
 steps = round(reference steps * arm samples/s / reference arm samples/s) (the reference arm is `baseline`, else
 the first; reference steps the recipe's 800), with the LR warmup scaled alike, so every arm gets the reference's
-training time. Without `--throughput` every arm trains the recipe's steps.
+training time. Without `--throughput` every arm trains the recipe's steps; `--throughput-only` measures the rates,
+prints the step plan and stops.
 
 Resumable: a run whose summary.json holds its evals is not run again, and measured rates are kept in
 OUT/throughput.json, so the study can be killed and restarted. `--jobs N` runs N trainings at once; with N > 1 each
@@ -168,7 +172,7 @@ def doc_block(study: dict, image: str | None = None) -> str:
     budget = (
         f"equal training time: steps scaled by each arm's samples/s against `{study['reference']}` "
         f"({study['reference_steps']} steps), rates measured alternately ({t['measured_steps']} steps after "
-        f"{t['warmup_steps']}, 2 rounds, load average {t['load'][0]:.1f} at the start)"
+        f"{t['warmup_steps']}, {t.get('rounds', 2)} rounds, load average {t['load'][0]:.1f} at the start)"
         if t
         else f"equal steps ({study['reference_steps']})"
     )
@@ -223,18 +227,21 @@ def train_seconds(rows: list[dict], batch: int, after: int = 0) -> float:
 
 
 def measure_throughput(args, arms: dict[str, list[str]], common: list[str], out: Path) -> dict:
-    """Samples/s of every arm: warm-up + measured steps, arms alternating, 2 rounds; kept in OUT/throughput.json."""
+    """Samples/s of every arm: warm-up + measured steps, arms alternating, in rounds; kept in OUT/throughput.json."""
     path = out / "throughput.json"
     saved = json.loads(path.read_text()) if path.is_file() else {}
     keep = (saved.get("warmup_steps"), saved.get("measured_steps")) == (args.throughput_warmup, args.throughput_steps)
+    keep = keep and saved.get("rounds", 2) <= args.throughput_rounds  # more rounds later: the first ones are kept
     found = saved.get("arms", {}) if keep else {}
     load = saved["load"] if keep and "load" in saved else list(os.getloadavg())
-    result = {"warmup_steps": args.throughput_warmup, "measured_steps": args.throughput_steps, "load": load,
-              "arms": found}  # fmt: skip
+    result = {"warmup_steps": args.throughput_warmup, "measured_steps": args.throughput_steps,
+              "rounds": args.throughput_rounds, "load": load, "arms": found}  # fmt: skip
     steps = args.throughput_warmup + args.throughput_steps
-    for rnd in range(2):
+    for rnd in range(args.throughput_rounds):
         for arm, overrides in arms.items():
             done = found.setdefault(arm, {"overrides": overrides, "rounds": []})
+            if done["overrides"] != overrides:  # the arm was redefined: its old rates say nothing
+                done = found[arm] = {"overrides": overrides, "rounds": []}
             if len(done["rounds"]) > rnd:
                 continue
             run_dir = out / "throughput" / f"{arm}-r{rnd}"
@@ -335,8 +342,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=Path("runs/learning-study"), help="run folders, logs, rates")
     p.add_argument("--jobs", type=int, default=1, help="trainings at once (> 1: one torch thread each)")
     p.add_argument("--throughput", action="store_true", help="equal wall time: measure samples/s, scale steps")
+    p.add_argument("--throughput-only", action="store_true", help="measure the rates, print the step plan, stop")
     p.add_argument("--throughput-steps", type=int, default=30, help="measured steps per arm and round")
     p.add_argument("--throughput-warmup", type=int, default=10, help="steps before the measured ones")
+    p.add_argument("--throughput-rounds", type=int, default=2, help="rounds over all arms (a rate: their mean)")
     p.add_argument("--reference", help="the arm whose steps are the recipe's (default: baseline, else the first)")
     p.add_argument("--steps", type=int, help="the reference arm's steps (default: the recipe's train.steps)")
     p.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS), help="evaluations at the end")
@@ -369,24 +378,29 @@ def main(argv: list[str] | None = None) -> int:
     common = [f"data_root={data}", "index.shards=", f"eval.tasks={tasks}", *args.set]
     if args.threads:
         common.append("train.threads=1")
-    try:  # every arm's recipe is valid before anything runs
-        recipes = {arm: load_recipe(RECIPE, [*common, *o]) for arm, o in arms.items()}
-    except RecipeError as e:
-        bad = next(arm for arm, o in arms.items() if not _valid([*common, *o]))
-        print(f"learning_study: arm {bad!r}: {e}", file=sys.stderr)
-        return 2
+    recipes = {}
+    for arm, overrides in arms.items():  # every arm's recipe is valid before anything runs
+        try:
+            recipes[arm] = load_recipe(RECIPE, [*common, *overrides])
+        except RecipeError as e:
+            print(f"learning_study: arm {arm!r}: {e}", file=sys.stderr)
+            return 2
     base = recipes[reference]
     args.batch = base.data.batch_size
     steps = args.steps or base.train.steps
     warmup = round(base.train.warmup * steps / base.train.steps)
     args.out.mkdir(parents=True, exist_ok=True)
 
-    throughput = measure_throughput(args, arms, common, args.out) if args.throughput else None
+    throughput = measure_throughput(args, arms, common, args.out) if args.throughput or args.throughput_only else None
     if throughput:
         rates = {arm: throughput["arms"][arm]["samples_per_s"] for arm in arms}
         plan = plan_steps(rates, reference, steps, warmup)
     else:
         rates, plan = {}, {arm: {"steps": steps, "warmup": warmup} for arm in arms}
+    if args.throughput_only:
+        for arm in arms:
+            print(f"{arm}: {rates[arm]:.1f} samples/s -> {plan[arm]['steps']} steps (warmup {plan[arm]['warmup']})")
+        return 0
     jobs = [(arm, seed) for seed in args.seeds for arm in arms]  # seed-major: a cut-short study has whole seeds
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
         runs = list(pool.map(lambda j: run_one(args, j[0], j[1], arms[j[0]], plan[j[0]], common), jobs))
@@ -431,14 +445,6 @@ def machine() -> str:
     models = [ln.split(":", 1)[1].strip() for ln in cpuinfo.read_text().splitlines() if ln.startswith("model name")] \
         if cpuinfo.is_file() else []  # fmt: skip
     return f"{os.cpu_count()} cores" + (f", {models[0]}" if models else "")
-
-
-def _valid(overrides: list[str]) -> bool:
-    try:
-        load_recipe(RECIPE, overrides)
-        return True
-    except RecipeError:
-        return False
 
 
 if __name__ == "__main__":
