@@ -43,6 +43,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from tqdm import tqdm
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
@@ -403,7 +405,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     jobs = [(arm, seed) for seed in args.seeds for arm in arms]  # seed-major: a cut-short study has whole seeds
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
-        runs = list(pool.map(lambda j: run_one(args, j[0], j[1], arms[j[0]], plan[j[0]], common), jobs))
+        done = pool.map(lambda j: run_one(args, j[0], j[1], arms[j[0]], plan[j[0]], common), jobs)
+        runs = list(tqdm(done, total=len(jobs), desc="learning study", unit="run"))
 
     study = {
         "command": shlex.join(["python", "tools/learning_study.py", *(argv if argv is not None else sys.argv[1:])]),
