@@ -104,7 +104,12 @@ class DataCfg:
         batch_size: samples per process per optimizer micro-step.
         workers: DataLoader worker processes per training process (0 = load in the main process).
         shuffle_buffer: samples held per worker for within-shard shuffling.
-        caption: which caption line of a sample to train on: a random one, or always the first.
+        caption: what a sample trains on each time it is seen, from its caption lines: "random" (one line at
+            random), "first" (always the first), "all" (every line joined by "; ", cut at the context length) or
+            "keywords" (as random, but a keyword line, "curl, document, page", becomes a random non-empty subset of
+            its keywords in random order; samples without one train as in random). See
+            `clipkit.data.pipeline.choose_caption`.
+        caption_max_keywords: the largest keyword subset of caption "keywords" (0: up to all of a line's keywords).
         prefetch_factor: batches prefetched per worker.
         resampled: draw shards with replacement, forever (True), or run exact epochs (False): shards shuffled with
             (seed, epoch) before the split by process and worker, every worker yielding the same number of full
@@ -122,7 +127,8 @@ class DataCfg:
     batch_size: int = 64
     workers: int = 1
     shuffle_buffer: int = 1000
-    caption: Literal["random", "first"] = "random"
+    caption: Literal["random", "first", "all", "keywords"] = "random"
+    caption_max_keywords: int = 0
     prefetch_factor: int = 2
     resampled: bool = True
     max_skip_rate: float = 0.1
@@ -587,6 +593,13 @@ def validate(r: Recipe) -> None:
     need(d.workers >= 0, "data.workers", d.workers, "must be >= 0")
     need(d.shuffle_buffer >= 0, "data.shuffle_buffer", d.shuffle_buffer, "must be >= 0")
     need(d.prefetch_factor >= 1, "data.prefetch_factor", d.prefetch_factor, "must be >= 1")
+    need(d.caption_max_keywords >= 0, "data.caption_max_keywords", d.caption_max_keywords, "must be >= 0 (0 = all)")
+    need(
+        d.caption_max_keywords == 0 or d.caption == "keywords",
+        "data.caption_max_keywords",
+        d.caption_max_keywords,
+        f"applies to data.caption keywords only (data.caption is {d.caption!r})",
+    )
     a = d.augment
     need(0 < a.scale[0] <= a.scale[1] <= 1, "data.augment.scale", list(a.scale), "must be 0 < low <= high <= 1")
     need(

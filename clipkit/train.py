@@ -256,6 +256,7 @@ def data_stream(recipe: Recipe, shards: dict, bundle: ModelBundle, accelerator: 
         fast=recipe.data.fast_images,
         normalize_on_device=device.type != "cpu",
         positives=t.positives,
+        max_keywords=recipe.data.caption_max_keywords,
     )
     loader = train_loader(stream, recipe.data.workers, recipe.data.prefetch_factor, pin_memory=device.type == "cuda")
     if recipe.data.resampled:  # segments end at checkpoints, so a resume replays at most one segment

@@ -272,6 +272,62 @@ def decode_captions(sample: dict) -> list[str]:
     return lines
 
 
+CAPTION_MODES = ("random", "first", "all", "keywords")
+ALL_LINES_SEPARATOR = "; "  # how caption="all" joins a sample's lines into one text
+
+
+def keyword_line(lines: Sequence[str]) -> tuple[int, list[str]] | None:
+    """Where a sample's keyword line is and its keywords: (line index, keywords), or None when it has none.
+
+    A keyword line is a comma-separated list of at least two non-empty items ("curl, document, page"), as the
+    emoji and OpenClipart builders write after the name or title; when several lines are, the last one counts.
+    Items are stripped; a repeated item is kept once (first place).
+    """
+    for i in range(len(lines) - 1, -1, -1):
+        items = list(dict.fromkeys(item.strip() for item in lines[i].split(",") if item.strip()))
+        if len(items) >= 2:
+            return i, items
+    return None
+
+
+def choose_caption(lines: Sequence[str], mode: str, rng: random.Random, max_keywords: int = 0) -> str:
+    """The text a sample trains on this time, from its caption lines; every draw comes from `rng`.
+
+    Modes:
+        first: the first line.
+        random: one line drawn uniformly (`rng.choice`).
+        all: every line, in order, joined by "; " (ALL_LINES_SEPARATOR); the tokenizer truncates the text to its
+            context length, so late lines of a long caption may be cut.
+        keywords: a line is drawn as in "random" (the same draw); when it is the keyword line (`keyword_line`) it
+            becomes a random non-empty subset of its n keywords in random order, joined by ", ": a size k uniform in
+            [1, min(n, max_keywords)] (max_keywords 0: [1, n]), then k distinct keywords (`rng.sample`, which also
+            orders them). Any other line (the name or title line) is used as it is. A sample without a keyword line
+            therefore trains exactly as in "random", and on a 2-line emoji caption the name comes half the time.
+            Each visit of a sample draws anew.
+
+    Args:
+        lines: the sample's non-empty caption lines (`decode_captions`).
+        mode: one of CAPTION_MODES.
+        rng: the stream's private RNG, so that a caption depends only on the stream's (seed, epoch, rank, worker).
+        max_keywords: the largest keyword subset in "keywords" mode (0: no limit).
+    """
+    if mode == "first":
+        return lines[0]
+    if mode == "all":
+        return ALL_LINES_SEPARATOR.join(lines)
+    if mode == "random":
+        return rng.choice(lines)
+    if mode != "keywords":
+        raise ValueError(f"caption mode {mode!r}: expected one of {', '.join(CAPTION_MODES)}")
+    i = rng.choice(range(len(lines)))  # consumes rng exactly as rng.choice(lines)
+    found = keyword_line(lines)
+    if found is None or found[0] != i:
+        return lines[i]
+    keywords = found[1]
+    k = rng.randint(1, min(len(keywords), max_keywords or len(keywords)))
+    return ", ".join(rng.sample(keywords, k))
+
+
 def decode_json(sample: dict) -> dict:
     raw = sample.get("json")
     if raw is None:
@@ -459,7 +515,8 @@ class TrainStream(torch.utils.data.IterableDataset):
         seed: base seed of every random choice (shards, shuffle, captions, mixing).
         resampled: True for the infinite resampled stream, False for exact epochs.
         shuffle_size: per-worker shuffle buffer (samples).
-        caption: "random" (one caption line at random per sample) or "first".
+        caption: which text of a sample's caption lines to train on each time it is seen: "random", "first",
+            "all" or "keywords" (`choose_caption`).
         fast: take the fast image path when the transform allows it (False: the transform as it is, on full-size
             decoded images, as open_clip_train does).
         normalize_on_device: leave fast-path batches uint8 for `finish_images` (for GPU training; on a CPU it
@@ -467,6 +524,7 @@ class TrainStream(torch.utils.data.IterableDataset):
         positives: what makes two pairs of a batch positives of each other (multiple positives): "caption" (the
             same caption text) or a key of the samples' json (e.g. "label"); batches then carry "group", [B] int64
             ids. None: no group ids.
+        max_keywords: the largest keyword subset of caption="keywords" (0: no limit).
 
     Attributes:
         epoch: a shared counter; set `stream.epoch.value` before iterating a new epoch.
@@ -488,16 +546,21 @@ class TrainStream(torch.utils.data.IterableDataset):
         fast: bool = True,
         normalize_on_device: bool = False,
         positives: str | None = None,
+        max_keywords: int = 0,
     ):
         super().__init__()
         if not sources or any(not s.urls for s in sources):
             raise ValueError("TrainStream needs at least one source with at least one shard")
+        if caption not in CAPTION_MODES:
+            raise ValueError(f"caption mode {caption!r}: expected one of {', '.join(CAPTION_MODES)}")
+        if max_keywords < 0:
+            raise ValueError(f"max_keywords {max_keywords}: must be >= 0 (0 = no limit)")
         self.sources, self.batch_size = list(sources), batch_size
         self.transform, self.tokenizer = transform, tokenizer
         self.rank, self.world_size, self.seed = rank, world_size, seed
         self.resampled, self.shuffle_size, self.caption = resampled, shuffle_size, caption
         self.fast_crop = FastCrop.of(transform) if fast else None
-        self.normalize_on_device, self.positives = normalize_on_device, positives
+        self.normalize_on_device, self.positives, self.max_keywords = normalize_on_device, positives, max_keywords
         # Shared memory, so the value set by the training process reaches already-started loader workers.
         self.epoch = torch.multiprocessing.Value("i", 0)
         if not resampled:
@@ -595,7 +658,7 @@ class TrainStream(torch.utils.data.IterableDataset):
                 continue
             usable = True
             images.append(tensor)
-            captions.append(lines[0] if self.caption == "first" else rng.choice(lines))
+            captions.append(choose_caption(lines, self.caption, rng, self.max_keywords))
             keys.append(sample["__key__"])
             if self.positives is not None:
                 groups.append(group_id(sample, captions[-1], self.positives))
