@@ -103,21 +103,33 @@ class StepLogger:
                 f.write(json.dumps(row) + "\n")
         self.accelerator.log({k: v for k, v in row.items() if k not in ("step", "skipped")}, step=row["step"])
 
-    def step(self, done: int, loss: torch.Tensor, model: torch.nn.Module, lr: float, counts: DataCounts, nonfinite):
+    def step(
+        self,
+        done: int,
+        loss: torch.Tensor,
+        model: torch.nn.Module,
+        lr: float,
+        counts: DataCounts,
+        nonfinite,
+        parts: dict[str, torch.Tensor] | None = None,
+    ):
         """After optimizer step `done`: advances the bar; on a log step, writes a row and checks the skip rate.
 
         Args:
             loss: this process's loss of the step (reduced over processes here).
             model: the unwrapped model (its logit scale and bias).
             nonfinite: returns the steps skipped up to step `done` (a host sync, so only on log steps).
+            parts: auxiliary losses of the step by metric name (`loss/slip`, ...), reduced over processes here.
         """
         self.bar.update(1)
         if done % self.log_every and done != self.steps:
             return
+        parts = parts or {}
         scalars = [self.accelerator.reduce(loss.detach(), "mean"), model.logit_scale.detach().exp()]
+        scalars += [self.accelerator.reduce(v.detach(), "mean") for v in parts.values()]
         if getattr(model, "logit_bias", None) is not None:
             scalars.append(model.logit_bias.detach().reshape(()))
-        values = torch.stack([v.float() for v in scalars]).tolist()  # one host sync for all of them
+        values = torch.stack([v.float().reshape(()) for v in scalars]).tolist()  # one host sync for all of them
         total = counts.summed(self.accelerator)
         now = time.perf_counter()
         row = {
@@ -129,8 +141,9 @@ class StepLogger:
             "skipped": dict(total.skipped),
             "nonfinite_steps": nonfinite(done),
         }
-        if len(values) > 2:
-            row["logit_bias"] = values[2]
+        row.update(zip(parts, values[2 : 2 + len(parts)], strict=True))
+        if len(values) > 2 + len(parts):
+            row["logit_bias"] = values[-1]
         self.last_time, self.last_step = now, done
         self.write(row)
         self.bar.set_postfix(

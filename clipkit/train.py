@@ -20,7 +20,7 @@ import signal
 import sys
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -41,7 +41,7 @@ from clipkit.models.weights import refuse_pickled_code
 from clipkit.optim import NonFiniteGuard, make_optimizer, make_scheduler
 from clipkit.plots import plot_metrics
 from clipkit.resume import check_resume_recipe, check_rng_state, note_resumed_recipe, start_checkpoint, trim_metrics
-from clipkit.step import forward_backward
+from clipkit.step import MicroBatch, Objective, forward_backward
 from clipkit.steplog import DataCounts, StepLogger
 from clipkit.stopping import StopSignals, StopVote
 
@@ -87,13 +87,15 @@ def _train(recipe: Recipe, out_dir: Path, resume: str | None) -> dict:
                 backward=acc.backward,
                 no_sync=lambda: acc.no_sync(run.model),
                 autocast=acc.autocast,
+                objectives=run.objectives,
             )
             done = step + 1
             inject_faults(run.model, done)
             optimizer_step(run)
             stop = run.vote(signals.received is not None) and done < t.steps
             lr = run.scheduler.get_last_lr()[0]
-            run.log.step(done, loss, run.raw_model, lr, run.counts, run.sync_nonfinite)
+            parts = {f"loss/{o.name}": o.last for o in run.objectives}
+            run.log.step(done, loss, run.raw_model, lr, run.counts, run.sync_nonfinite, parts)
             metrics = evals_due(run, done)
             if stop:
                 return finish(run, loss, run.checkpoint(done, metrics), preempted=True)
@@ -132,6 +134,7 @@ class Run:
     vote: StopVote
     log: StepLogger
     channels_last: bool
+    objectives: list[Objective] = field(default_factory=list)
 
     def sync_nonfinite(self, step: int) -> int:
         """Reads the non-finite step count (a host sync; stops the run after too many in a row)."""
@@ -266,8 +269,8 @@ def data_stream(recipe: Recipe, shards: dict, bundle: ModelBundle, accelerator: 
     return stream, positioned_batches(stream, loader, epoch_len, progress.epoch, progress.consumed)
 
 
-def next_micro_batches(run: Run) -> list[tuple[torch.Tensor, ...]]:
-    """The step's train.accum_freq (images [n, 3, H, W], tokens [n, L][, group ids [n]]) on the device.
+def next_micro_batches(run: Run) -> list[MicroBatch]:
+    """The step's train.accum_freq micro-batches (images [n, 3, H, W], tokens [n, L][, group ids [n]]) on the device.
 
     Also advances the data position and counts the data.
     """
@@ -279,7 +282,8 @@ def next_micro_batches(run: Run) -> list[tuple[torch.Tensor, ...]]:
         if run.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         texts = batch["text"].to(device, non_blocking=True)
-        micro.append((images, texts, batch["group"].to(device)) if "group" in batch else (images, texts))
+        groups = batch["group"].to(device) if "group" in batch else None
+        micro.append(MicroBatch(images, texts, groups))
     return micro
 
 

@@ -96,6 +96,56 @@ def test_cached_accumulation_equals_big_batch(tiny_model_cfg, kind):
         assert torch.allclose(big[name], small[name], atol=1e-10, rtol=0), name
 
 
+class _PullObjective:
+    """A toy auxiliary loss: w * (sum over samples of image_feature . c) / (samples in the whole step)."""
+
+    name = "pull"
+
+    def __init__(self, weight: float, dim: int):
+        self.weight, self.c = weight, torch.linspace(-1, 1, dim, dtype=torch.float64)
+
+    def begin(self, micro_batches):
+        self.total = sum(mb.images.shape[0] for mb in micro_batches)
+        self.last = torch.zeros((), dtype=torch.float64)
+
+    def __call__(self, model, output, mb):
+        loss = self.weight * (output["image_features"] @ self.c).sum() / self.total
+        self.last = self.last + loss.detach()
+        return loss
+
+
+def test_objective_adds_to_the_loss_and_accumulates_to_the_big_batch(tiny_model_cfg):
+    """An auxiliary objective's gradient adds to the contrastive one, and K micro-batches give the big batch's."""
+    torch.manual_seed(0)
+    tiny_model_cfg["vision_cfg"]["patch_dropout"] = 0.0
+    model = build_model(tiny_model_cfg).double().train()
+    images = torch.randn(8, 3, 16, 16, dtype=torch.float64)
+    texts = open_clip.SimpleTokenizer(context_length=16)([f"photo {i}" for i in range(8)])
+    loss_fn = ContrastiveLoss("clip")
+    dim = model.text_projection.shape[1]
+
+    def run(micro, objectives=()):
+        model.zero_grad()
+        loss = forward_backward(model, micro, loss_fn, objectives=objectives)
+        return loss, _grads(model)
+
+    plain_loss, plain = run([(images, texts)])
+    obj = _PullObjective(0.5, dim)
+    big_loss, big = run([(images, texts)], [obj])
+    big_last = obj.last
+    assert torch.equal(plain_loss, big_loss)  # the returned loss is the contrastive one
+    with torch.no_grad():
+        expected = 0.5 * (model(image=images, text=texts)[0] @ obj.c).mean()
+    assert torch.allclose(big_last, expected, atol=1e-12)
+    assert not torch.allclose(plain["visual.conv1.weight"], big["visual.conv1.weight"])
+
+    small_loss, small = run([(images[:4], texts[:4]), (images[4:], texts[4:])], [obj])
+    assert torch.allclose(obj.last, big_last, atol=1e-12)
+    assert torch.allclose(small_loss, big_loss, atol=1e-12)
+    for name in big:
+        assert torch.allclose(big[name], small[name], atol=1e-10, rtol=0), name
+
+
 def _recompute_losses(model, loss_fn, micro, monkeypatch=None):
     seen = []
     orig = loss_fn.from_global
