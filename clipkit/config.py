@@ -10,6 +10,7 @@ import dataclasses
 import math
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Union
@@ -137,6 +138,48 @@ class DataCfg:
 
 
 @dataclass(frozen=True)
+class SlipAugmentCfg:
+    """SimCLR's view augmentation for SLIP: each image gives two views drawn independently with these settings.
+
+    Attributes:
+        scale: random resized crop's range of the crop's area, as a share of the image.
+        color_jitter: brightness, contrast, saturation and hue jitter strengths (hue at most 0.5).
+        color_jitter_prob: probability of the color jitter.
+        gray_scale_prob: probability of turning a view gray.
+        flip_prob: probability of a horizontal flip.
+    """
+
+    scale: tuple[float, float] = (0.08, 1.0)
+    color_jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.4, 0.1)
+    color_jitter_prob: float = 0.8
+    gray_scale_prob: float = 0.2
+    flip_prob: float = 0.5
+
+
+@dataclass(frozen=True)
+class SlipCfg:
+    """SLIP's image self-supervision (Mu et al. 2021): L = L_contrastive + weight * L_simclr (docs/learning.md).
+
+    L_simclr is the NT-Xent loss between two augmented views of every image of the global batch, on an MLP head
+    (Linear-LayerNorm-ReLU-Linear) over the image tower's output. The head trains with the model and is saved in
+    checkpoints, not in the model folder. Costs two more image-tower forwards and backwards per sample.
+
+    Attributes:
+        weight: weight of the SimCLR loss (0: off).
+        temperature: NT-Xent temperature.
+        head_hidden: width of the head's hidden layer.
+        head_out: width of the head's output (the features the NT-Xent loss compares).
+        augment: how the two views are drawn.
+    """
+
+    weight: float = 0.0
+    temperature: float = 0.1
+    head_hidden: int = 512
+    head_out: int = 128
+    augment: SlipAugmentCfg = field(default_factory=SlipAugmentCfg)
+
+
+@dataclass(frozen=True)
 class TrainCfg:
     """Optimization and loop settings.
 
@@ -185,6 +228,7 @@ class TrainCfg:
         timeout: seconds a process may wait for the others in a collective, or spend on one step (evals and
             checkpoint writes included), before the run fails on every process instead of hanging
             (clipkit/distributed.py). Raise it if one step can take longer, e.g. large evals on the main process.
+        slip: SLIP's image self-supervision as an auxiliary loss (off by default; `SlipCfg`).
     """
 
     steps: int = 1000
@@ -213,6 +257,7 @@ class TrainCfg:
     channels_last: bool | None = None
     threads: int = 0
     timeout: float = 1800.0
+    slip: SlipCfg = field(default_factory=SlipCfg)
 
 
 @dataclass(frozen=True)
@@ -634,6 +679,7 @@ def validate(r: Recipe) -> None:
     need(t.threads >= 0, "train.threads", t.threads, "must be >= 0 (0 = auto)")
     need(t.timeout > 0, "train.timeout", t.timeout, "must be positive (seconds)")
     need(0 <= d.max_skip_rate <= 1, "data.max_skip_rate", d.max_skip_rate, "must be in [0, 1]")
+    _validate_slip(r, need)
 
     e = r.eval
     if t.keep_best is not None:
@@ -653,6 +699,38 @@ def validate(r: Recipe) -> None:
         seen.add(out)
         if task.task == "zeroshot":
             need(task.classnames is not None, f"eval.tasks.{i}.classnames", None, "is required for a zeroshot task")
+
+
+def _validate_slip(r: Recipe, need: Callable[[bool, str, Any, str], None]) -> None:
+    """The checks of train.slip: values, and the settings SLIP cannot run with."""
+    s, a = r.train.slip, r.train.slip.augment
+    need(s.weight >= 0, "train.slip.weight", s.weight, "must be >= 0 (0 = off)")
+    need(s.temperature > 0, "train.slip.temperature", s.temperature, "must be positive")
+    need(s.head_hidden >= 1, "train.slip.head_hidden", s.head_hidden, "must be >= 1")
+    need(s.head_out >= 1, "train.slip.head_out", s.head_out, "must be >= 1")
+    need(0 < a.scale[0] <= a.scale[1] <= 1, "train.slip.augment.scale", list(a.scale), "must be 0 < low <= high <= 1")
+    need(all(v >= 0 for v in a.color_jitter), "train.slip.augment.color_jitter", list(a.color_jitter), "must be >= 0")
+    need(a.color_jitter[3] <= 0.5, "train.slip.augment.color_jitter", list(a.color_jitter), "hue must be <= 0.5")
+    for key in ("color_jitter_prob", "gray_scale_prob", "flip_prob"):
+        v = getattr(a, key)
+        need(0 <= v <= 1, f"train.slip.augment.{key}", v, "must be a probability in [0, 1]")
+    if s.weight == 0:
+        return
+    need(
+        r.train.accum_freq == 1,
+        "train.accum_freq",
+        r.train.accum_freq,
+        "cannot be used with train.slip (the NT-Xent loss of one micro-batch is not the big-batch loss, and it is not "
+        "accumulated exactly): use train.accum_freq 1, or train.slip.weight 0",
+    )
+    need(not r.train.fsdp, "train.fsdp", True, "is not supported with train.slip yet (its head is not sharded)")
+    m = r.model
+    need(
+        not (m.lock_image and m.lock_image_unlocked_groups == 0),
+        "train.slip.weight",
+        s.weight,
+        "trains the image tower, which model.lock_image freezes entirely (unlock some groups, or turn SLIP off)",
+    )
 
 
 def save_recipe(recipe: Recipe, path: Path) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -21,18 +22,27 @@ FUSED_DEVICES = ("cpu", "cuda")  # where torch has a fused AdamW kernel
 
 
 def make_optimizer(
-    model: torch.nn.Module, lr: float, weight_decay: float, betas: tuple[float, float], eps: float
+    model: torch.nn.Module,
+    lr: float,
+    weight_decay: float,
+    betas: tuple[float, float],
+    eps: float,
+    extra: Sequence[torch.nn.Module] = (),
 ) -> torch.optim.AdamW:
-    """AdamW over `param_groups`: fused on CPU and CUDA, foreach elsewhere.
+    """AdamW over `param_groups` of the model and of `extra` modules (auxiliary heads): fused on CPU and CUDA,
+    foreach elsewhere.
 
     The fused kernel makes one pass over each parameter's memory (param, grad, two moments) where foreach makes
     about ten: on the quickstart's 8.1M parameters, one CPU core, 11.5 ms a step against 35.5 ms (foreach) and
     55.5 ms (torch's CPU default, a per-parameter loop, which open_clip_train gets; tools/bench/bench_optim.py). It
     also takes `found_inf`, which skips a step on the device without a host sync (see train.NonFiniteGuard).
     """
-    fused = all(p.device.type in FUSED_DEVICES and p.dtype.is_floating_point for p in model.parameters())
+    modules = [model, *extra]
+    params = [p for m in modules for p in m.parameters()]
+    fused = all(p.device.type in FUSED_DEVICES and p.dtype.is_floating_point for p in params)
     kwargs = {"fused": True} if fused else {"foreach": True}
-    return torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=betas, eps=eps, **kwargs)
+    groups = [g for m in modules for g in param_groups(m, weight_decay)]
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, **kwargs)
 
 
 def lr_factor(step: int, steps: int, warmup: int, min_ratio: float) -> float:

@@ -32,12 +32,14 @@ from clipkit.checkpoint import Progress, checkpoint_dir, load_progress, prune_ch
 from clipkit.config import Recipe, RecipeError, save_recipe, to_dict
 from clipkit.data.pipeline import Source, TrainStream, train_loader
 from clipkit.data.shards import expand_shards
+from clipkit.data.views import SimCLRViews
 from clipkit.evaluate import run as evals
 from clipkit.files import write_json_atomic
 from clipkit.loss import ContrastiveLoss
 from clipkit.models import ModelBundle, create_model
 from clipkit.models.factory import build_transforms, resolve_config
 from clipkit.models.weights import refuse_pickled_code
+from clipkit.objectives import build_objectives, heads
 from clipkit.optim import NonFiniteGuard, make_optimizer, make_scheduler
 from clipkit.plots import plot_metrics
 from clipkit.resume import check_resume_recipe, check_rng_state, note_resumed_recipe, start_checkpoint, trim_metrics
@@ -114,6 +116,8 @@ class Run:
         batches: (batch, (epoch, consumed)) pairs from the run's data position on (`positioned_batches`).
         progress: the step and data position reached, saved in checkpoints.
         counts: this process's data counts (unusable samples by reason and shard, usable samples).
+        objectives: auxiliary losses added to the contrastive loss (train.slip).
+        heads: the objectives' trainable heads (prepared, in the optimizer and checkpoints, not in model folders).
     """
 
     recipe: Recipe
@@ -135,6 +139,7 @@ class Run:
     log: StepLogger
     channels_last: bool
     objectives: list[Objective] = field(default_factory=list)
+    heads: list[torch.nn.Module] = field(default_factory=list)
 
     def sync_nonfinite(self, step: int) -> int:
         """Reads the non-finite step count (a host sync; stops the run after too many in a row)."""
@@ -188,9 +193,15 @@ def setup(recipe: Recipe, out_dir: Path, resume: str | None) -> Run:
     channels_last = use_channels_last(t.channels_last, bundle.model)
     if channels_last:
         bundle.model.to(memory_format=torch.channels_last)  # conv weights NHWC; the optimizer state follows
-    optimizer = make_optimizer(bundle.model.to(accelerator.device), t.lr, t.weight_decay, t.betas, t.eps)
+    objectives = build_objectives(t, bundle.config["model_cfg"]["embed_dim"])
+    extra = [h.to(accelerator.device) for h in heads(objectives)]
+    optimizer = make_optimizer(bundle.model.to(accelerator.device), t.lr, t.weight_decay, t.betas, t.eps, extra)
     scheduler = make_scheduler(optimizer, t.steps, t.warmup, t.lr, t.min_lr)
-    model, optimizer, scheduler = accelerator.prepare(bundle.model, optimizer, scheduler)
+    # Heads are prepared as models of their own: DDP syncs them, save_state/load_state keep them (model_1, ...),
+    # and the model folder (get_state_dict of the model alone) stays open_clip's.
+    model, *extra, optimizer, scheduler = accelerator.prepare(bundle.model, *extra, optimizer, scheduler)
+    for obj, head in zip([o for o in objectives if getattr(o, "head", None) is not None], extra, strict=True):
+        obj.head = head
     if t.wandb:
         accelerator.init_trackers(
             "clipkit",
@@ -238,12 +249,15 @@ def setup(recipe: Recipe, out_dir: Path, resume: str | None) -> Run:
             recipe.data.max_skip_rate,
         ),
         channels_last=channels_last,
+        objectives=objectives,
+        heads=extra,
     )
 
 
 def data_stream(recipe: Recipe, shards: dict, bundle: ModelBundle, accelerator: Accelerator, progress: Progress):
     """The training stream and its batches from the run's data position: (stream, positioned batch iterator)."""
     device, t = accelerator.device, recipe.train
+    views = SimCLRViews.of(t.slip.augment, bundle.config["preprocess_cfg"]) if t.slip.weight > 0 else None
     sources = [Source(tuple(shards[f"data.sources.{i}.shards"]), s.weight) for i, s in enumerate(recipe.data.sources)]
     stream = TrainStream(
         sources,
@@ -260,6 +274,7 @@ def data_stream(recipe: Recipe, shards: dict, bundle: ModelBundle, accelerator: 
         normalize_on_device=device.type != "cpu",
         positives=t.positives,
         max_keywords=recipe.data.caption_max_keywords,
+        views=views,
     )
     loader = train_loader(stream, recipe.data.workers, recipe.data.prefetch_factor, pin_memory=device.type == "cuda")
     if recipe.data.resampled:  # segments end at checkpoints, so a resume replays at most one segment
@@ -283,7 +298,13 @@ def next_micro_batches(run: Run) -> list[MicroBatch]:
             images = images.contiguous(memory_format=torch.channels_last)
         texts = batch["text"].to(device, non_blocking=True)
         groups = batch["group"].to(device) if "group" in batch else None
-        micro.append(MicroBatch(images, texts, groups))
+        extras = {}
+        if "views" in batch:  # SLIP: [n, 2, 3, H, W]
+            views = run.stream.finish_views(batch["views"].to(device, non_blocking=True))
+            if run.channels_last:  # each view NHWC in memory, so the objective's flatten(0, 1) is channels-last
+                views = views.permute(0, 1, 3, 4, 2).contiguous().permute(0, 1, 4, 2, 3)
+            extras["views"] = views
+        micro.append(MicroBatch(images, texts, groups, extras))
     return micro
 
 
@@ -301,7 +322,8 @@ def optimizer_step(run: Run) -> None:
     The grad norm is computed anyway for clipping (inf: measure only). A non-finite one skips the step on the
     device; the host learns of it on log steps and checkpoints.
     """
-    norm = run.accelerator.clip_grad_norm_(run.model.parameters(), run.recipe.train.grad_clip or float("inf"))
+    params = [*run.model.parameters(), *(p for h in run.heads for p in h.parameters())] if run.heads else None
+    norm = run.accelerator.clip_grad_norm_(params or run.model.parameters(), run.recipe.train.grad_clip or float("inf"))
     run.guard.step(run.optimizer, norm)
     run.scheduler.step()
     with torch.no_grad():  # CLIP's clamp: a temperature below 0.01 destabilizes training

@@ -125,3 +125,42 @@ def epoch_steps(rank: int, world_size: int, port: int, out: str, shard_dir: str,
     Path(out).with_suffix(f".{rank}.json").write_text(json.dumps({"steps": steps, "keys": keys}))
     dist.barrier()
     dist.destroy_process_group()
+
+
+def slip_global_views(n: int, seed: int = 1, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """The same [n, 2, 3, 16, 16] views on every process (each takes its slice)."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 2, 3, 16, 16, generator=g, dtype=torch.float64).to(dtype)
+
+
+def slip_model_and_head(model_cfg: dict, dtype: torch.dtype = torch.float64):
+    from clipkit.objectives import SlipHead
+
+    model = make_model(model_cfg, "clip", dtype)
+    torch.manual_seed(1)
+    return model, SlipHead(model_cfg["embed_dim"], 16, 8).to(dtype).train()
+
+
+def slip_grads(rank: int, world_size: int, port: int, out: str, model_cfg: dict, per_rank: int) -> None:
+    """One step of CLIP + SLIP under DDP (model and head wrapped, as Accelerate does): loss parts and gradients."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    from clipkit.loss import ContrastiveLoss
+    from clipkit.objectives import SlipObjective
+    from clipkit.step import MicroBatch, forward_backward
+
+    init(rank, world_size, port)
+    model, head = slip_model_and_head(model_cfg)
+    model, head = DDP(model), DDP(head)
+    images, texts = global_batch(world_size * per_rank)
+    views = slip_global_views(world_size * per_rank)
+    mine = slice(rank * per_rank, (rank + 1) * per_rank)
+    objective = SlipObjective(head, 0.5, 0.2)
+    mb = MicroBatch(images[mine], texts[mine], extras={"views": views[mine]})
+    loss = forward_backward(model, [mb], ContrastiveLoss("clip"), objectives=[objective])
+    parts = torch.stack([loss, objective.last])
+    dist.all_reduce(parts)
+    if rank == 0:
+        grads = {**grads_of(model.module), **{f"head.{k}": v for k, v in grads_of(head.module).items()}}
+        torch.save({"loss": parts / world_size, "grads": grads}, out)
+    dist.destroy_process_group()

@@ -50,6 +50,7 @@ from PIL import Image
 from torchvision.io import ImageReadMode, decode_jpeg
 
 from clipkit.data.shards import has_end_marker, read_sizes
+from clipkit.data.views import SimCLRViews
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 MAX_IMAGE_PIXELS = 64_000_000  # an "absurd" image: larger than ~8k x 8k is skipped, not decoded
@@ -133,6 +134,16 @@ def load_rgb(img: Image.Image) -> Image.Image:
 def decode_image(sample: dict) -> Image.Image:
     """The sample's image as an RGB PIL image (transparent pixels over white); raises SkipSample."""
     return load_rgb(open_image(sample))
+
+
+def image_tensor(sample: dict, img: Image.Image | None = None) -> torch.Tensor:
+    """The sample's whole image as uint8 [3, H, W] (from `img`, its decoded RGB image, if given); raises SkipSample."""
+    if img is None:
+        opened = open_image(sample)
+        if opened.format == "JPEG":
+            return decode_jpeg_tensor(image_bytes(sample), sample_name(sample))
+        img = load_rgb(opened)
+    return torch.from_numpy(np.array(img)).permute(2, 0, 1)
 
 
 def decode_jpeg_tensor(data: bytes, name: str = "JPEG") -> torch.Tensor:
@@ -490,9 +501,10 @@ def worker_info() -> tuple[int, int]:
     return (info.id, info.num_workers) if info is not None else (0, 1)
 
 
-def stream_seed(seed: int, epoch: int, rank: int, worker: int) -> int:
-    """A seed for one worker's stream; distinct and stable for each (seed, epoch, rank, worker)."""
-    return random.Random(f"clipkit:{seed}:{epoch}:{rank}:{worker}").getrandbits(63)
+def stream_seed(seed: int, epoch: int, rank: int, worker: int, purpose: str = "") -> int:
+    """A seed for one worker's stream; distinct and stable for each (seed, epoch, rank, worker[, purpose])."""
+    tag = f"clipkit:{seed}:{epoch}:{rank}:{worker}" + (f":{purpose}" if purpose else "")
+    return random.Random(tag).getrandbits(63)
 
 
 class TrainStream(torch.utils.data.IterableDataset):
@@ -525,6 +537,9 @@ class TrainStream(torch.utils.data.IterableDataset):
             same caption text) or a key of the samples' json (e.g. "label"); batches then carry "group", [B] int64
             ids. None: no group ids.
         max_keywords: the largest keyword subset of caption="keywords" (0: no limit).
+        views: SLIP's two augmented views of each whole decoded image; batches then carry "views", [B, 2, 3, h, w]
+            (uint8 with `normalize_on_device`, for `finish_views`). Drawn from their own generator, seeded by
+            (seed, epoch, rank, worker, "views"): the other draws, and so the rest of the batch, stay as without.
 
     Attributes:
         epoch: a shared counter; set `stream.epoch.value` before iterating a new epoch.
@@ -547,6 +562,7 @@ class TrainStream(torch.utils.data.IterableDataset):
         normalize_on_device: bool = False,
         positives: str | None = None,
         max_keywords: int = 0,
+        views: SimCLRViews | None = None,
     ):
         super().__init__()
         if not sources or any(not s.urls for s in sources):
@@ -561,6 +577,7 @@ class TrainStream(torch.utils.data.IterableDataset):
         self.resampled, self.shuffle_size, self.caption = resampled, shuffle_size, caption
         self.fast_crop = FastCrop.of(transform) if fast else None
         self.normalize_on_device, self.positives, self.max_keywords = normalize_on_device, positives, max_keywords
+        self.views = views
         # Shared memory, so the value set by the training process reaches already-started loader workers.
         self.epoch = torch.multiprocessing.Value("i", 0)
         if not resampled:
@@ -585,6 +602,10 @@ class TrainStream(torch.utils.data.IterableDataset):
         if self.fast_crop is not None and images.dtype == torch.uint8:
             return self.fast_crop.normalize(images)
         return images
+
+    def finish_views(self, views: torch.Tensor) -> torch.Tensor:
+        """A batch's "views" as the model takes them: uint8 batches (`normalize_on_device`) are normalized here."""
+        return self.views.normalize(views) if views.dtype == torch.uint8 else views
 
     # -------------------------------------------------------------------------------------- sample streams
     def _resampled_samples(self, rng: random.Random, stats: Counter, shard_stats: Counter) -> Iterator[dict]:
@@ -625,6 +646,7 @@ class TrainStream(torch.utils.data.IterableDataset):
         # transforms run under a private RNG state, so loading never shifts the training RNG (exact resume).
         transform_rng = torch.Generator().manual_seed(seed)
         own_rng = worker_info_is_worker()
+        view_rng = torch.Generator().manual_seed(stream_seed(self.seed, epoch, self.rank, worker, "views"))
         if own_rng:
             torch.manual_seed(seed)
         stats: Counter = Counter()
@@ -635,7 +657,7 @@ class TrainStream(torch.utils.data.IterableDataset):
             samples = self._epoch_samples(rng, epoch, worker, workers, stats, shard_stats)
             limit = self.batches_per_worker(workers)
         produced, usable = 0, False
-        images, captions, keys, groups = [], [], [], []
+        images, captions, keys, groups, views = [], [], [], [], []
         fast = self.fast_crop
         for sample in samples:
             if not usable and sum(stats.values()) - stats["bad_shard"] >= NO_USABLE_SAMPLES:
@@ -648,10 +670,13 @@ class TrainStream(torch.utils.data.IterableDataset):
                 if fast is not None:  # the crop is drawn from the header's size, then decoded (maybe at 1/k size)
                     tensor = fast(sample) if own_rng else _with_rng(transform_rng, fast, sample)
                     lines = decode_captions(sample)
+                    img = None
                 else:
                     img = decode_image(sample)
                     lines = decode_captions(sample)
                     tensor = self.transform(img) if own_rng else _with_rng(transform_rng, self.transform, img)
+                if self.views is not None:  # [2, 3, h, w] uint8, from the whole image (decoded again on the fast path)
+                    views.append(self.views(image_tensor(sample, img), view_rng))
             except SkipSample as e:
                 stats[e.reason] += 1
                 shard_stats[sample.get("__url__", "?")] += 1
@@ -666,7 +691,7 @@ class TrainStream(torch.utils.data.IterableDataset):
                 batch = torch.stack(images)  # [B, 3, H, W]: uint8 on the fast path
                 if fast is not None and not self.normalize_on_device:
                     batch = fast.normalize(batch)
-                yield {
+                out = {
                     "image": batch,
                     "text": self.tokenizer(captions),
                     "key": keys,
@@ -674,9 +699,13 @@ class TrainStream(torch.utils.data.IterableDataset):
                     "skipped_shards": dict(shard_stats),
                     **({"group": torch.tensor(groups, dtype=torch.int64)} if self.positives is not None else {}),
                 }
+                if self.views is not None:
+                    pairs = torch.stack(views)  # [B, 2, 3, h, w] uint8
+                    out["views"] = pairs if self.normalize_on_device else self.views.normalize(pairs)
+                yield out
                 stats.clear()
                 shard_stats.clear()
-                images, captions, keys, groups = [], [], [], []
+                images, captions, keys, groups, views = [], [], [], [], []
                 produced += 1
                 if limit is not None and produced == limit:
                     return
