@@ -112,7 +112,8 @@ def test_views_are_two_different_draws_reproduced_by_the_seed():
     assert x.dtype == torch.float32 and x.shape == a.shape
 
 
-def test_stream_views_leave_the_rest_of_the_batch_unchanged(digits_dir):
+@pytest.mark.parametrize("fast", [True, False], ids=["fast-images", "plain-transform"])
+def test_stream_views_leave_the_rest_of_the_batch_unchanged(digits_dir, fast):
     """Views draw from their own generator: images, captions and keys are those of the stream without views."""
     from clipkit.config import ModelCfg, SlipAugmentCfg
     from clipkit.data.pipeline import Source, TrainStream
@@ -124,7 +125,9 @@ def test_stream_views_leave_the_rest_of_the_batch_unchanged(digits_dir):
     urls = tuple(expand_shards(str(digits_dir / "train-*.tar")))
 
     def first(views):
-        stream = TrainStream([Source(urls)], 4, bundle.train_transform, bundle.tokenizer, seed=1, views=views)
+        stream = TrainStream(
+            [Source(urls)], 4, bundle.train_transform, bundle.tokenizer, seed=1, fast=fast, views=views
+        )
         return next(iter(stream))
 
     plain = first(None)

@@ -88,7 +88,8 @@ class SlipHead(torch.nn.Sequential):
 def visual_tower(model: torch.nn.Module) -> torch.nn.Module:
     """The image tower of a model, through torch.compile's and DDP's wrappers."""
     while True:
-        inner = getattr(model, "_orig_mod", None) or getattr(model, "module", None)
+        inner = getattr(model, "_orig_mod", None)
+        inner = getattr(model, "module", None) if inner is None else inner
         if inner is None:
             return model.visual
         model = inner
