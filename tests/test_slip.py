@@ -124,17 +124,21 @@ def test_stream_views_leave_the_rest_of_the_batch_unchanged(digits_dir, fast):
     bundle = bundle_from_config(config)
     urls = tuple(expand_shards(str(digits_dir / "train-*.tar")))
 
-    def first(views):
+    def first(views, on_device=False):
         stream = TrainStream(
-            [Source(urls)], 4, bundle.train_transform, bundle.tokenizer, seed=1, fast=fast, views=views
-        )
-        return next(iter(stream))
+            [Source(urls)], 4, bundle.train_transform, bundle.tokenizer, seed=1, fast=fast, views=views,
+            normalize_on_device=on_device,
+        )  # fmt: skip
+        return stream, next(iter(stream))
 
-    plain = first(None)
-    with_views = first(SimCLRViews.of(SlipAugmentCfg(), config["preprocess_cfg"]))
+    views = SimCLRViews.of(SlipAugmentCfg(), config["preprocess_cfg"])
+    _, plain = first(None)
+    _, with_views = first(views)
     assert with_views["views"].shape == (4, 2, 3, 16, 16) and with_views["views"].dtype == torch.float32
     assert torch.equal(plain["image"], with_views["image"]) and torch.equal(plain["text"], with_views["text"])
     assert plain["key"] == with_views["key"]
+    stream, raw = first(views, on_device=True)  # GPU training: uint8 through the queues, normalized on the device
+    assert raw["views"].dtype == torch.uint8 and torch.equal(stream.finish_views(raw["views"]), with_views["views"])
 
 
 # ------------------------------------------------------------------------------------------------ smoke
