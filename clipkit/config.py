@@ -344,9 +344,14 @@ class FinetuneCfg:
         weight_decay: AdamW weight decay on weight matrices.
         warmup: linear warmup steps.
         grad_clip: max global gradient norm (0 = off).
+        flip: in "ce" and "flyp", flip each training image horizontally with probability 1/2.
+        crop_pad: in "ce" and "flyp", pad each training image by this many pixels (edge pixels repeated) and crop it
+            back at a random offset: shifts of up to `crop_pad` px at the model's input size (0 = off).
         eval_every: steps between validation evaluations (early stopping decides at each).
         patience: evaluations without an improvement larger than `min_delta` before stopping (0 = never stop early).
         min_delta: the smallest change of the monitored metric that counts as an improvement.
+        early_stop_from: evaluations before this step can still be the best (and be restored) but never count
+            against `patience` (the accuracy dip of a high learning rate early in the schedule does not stop the run).
         monitor: validation metric that picks the best step: "accuracy", "macro_f1" (higher is better) or "loss".
         wise_alphas: WiSE-FT mixing weights a (theta = (1-a) theta_zeroshot + a theta_finetuned); empty = no sweep.
         linear_c_grid: inverse regularization strengths tried in "linear" mode.
@@ -373,9 +378,12 @@ class FinetuneCfg:
     weight_decay: float = 0.1
     warmup: int = 100
     grad_clip: float = 1.0
+    flip: bool = False
+    crop_pad: int = 0
     eval_every: int = 100
     patience: int = 5
     min_delta: float = 0.0
+    early_stop_from: int = 0
     monitor: Literal["accuracy", "macro_f1", "loss"] = "accuracy"
     wise_alphas: tuple[float, ...] = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
     linear_c_grid: tuple[float, ...] = (0.1, 1.0, 10.0, 100.0, 1000.0)
@@ -772,9 +780,19 @@ def validate_finetune(f: FinetuneCfg) -> None:
     need(f.weight_decay >= 0, "weight_decay", f.weight_decay, "must be >= 0")
     need(0 <= f.warmup < f.steps, "warmup", f.warmup, f"must be in [0, finetune.steps={f.steps})")
     need(f.grad_clip >= 0, "grad_clip", f.grad_clip, "must be >= 0 (0 = off)")
+    need(f.crop_pad >= 0, "crop_pad", f.crop_pad, "must be >= 0 (0 = off)")
+    for key in ("flip", "crop_pad"):
+        need(f.mode != "linear" or not getattr(f, key), key, getattr(f, key),
+             "augments the training images of 'ce' and 'flyp'; 'linear' fits frozen features once")  # fmt: skip
     need(f.eval_every >= 1, "eval_every", f.eval_every, "must be >= 1")
     need(f.patience >= 0, "patience", f.patience, "must be >= 0 (0 = never stop early)")
     need(f.min_delta >= 0, "min_delta", f.min_delta, "must be >= 0")
+    need(
+        0 <= f.early_stop_from <= f.steps,
+        "early_stop_from",
+        f.early_stop_from,
+        f"must be in [0, finetune.steps={f.steps}]",
+    )
     need(all(0 <= a <= 1 for a in f.wise_alphas), "wise_alphas", list(f.wise_alphas), "must each be in [0, 1]")
     need(len(f.linear_c_grid) > 0 and all(c > 0 for c in f.linear_c_grid), "linear_c_grid", list(f.linear_c_grid),
          "must be positive numbers")  # fmt: skip

@@ -124,6 +124,45 @@ def test_wise_interpolation_ends_exact_and_linear():
     assert interpolate(zs, ft, 0.3)["n"] == 5  # integer buffers are not mixed
 
 
+def test_augment_flips_and_shifts_by_hand():
+    from clipkit.finetune.loop import augment
+
+    x = torch.arange(2 * 3 * 4 * 4, dtype=torch.uint8).view(2, 3, 4, 4)
+    g = torch.Generator().manual_seed(0)
+    flips = torch.rand(2, generator=torch.Generator().manual_seed(0)) < 0.5
+    out = augment(x, flip=True, pad=0, generator=g)
+    for i in range(2):
+        assert torch.equal(out[i], x[i].flip(-1) if flips[i] else x[i])
+
+    # A shift by (dy, dx) of the edge-padded image: pixel (r, c) comes from (clamp(r + dy - p), clamp(c + dx - p)).
+    g, p = torch.Generator().manual_seed(3), 2
+    dy, dx = torch.randint(0, 2 * p + 1, (2, 2), generator=torch.Generator().manual_seed(3)).tolist()
+    out = augment(x, flip=False, pad=p, generator=g)
+    for i in range(2):
+        rows = [min(max(r + dy[i] - p, 0), 3) for r in range(4)]
+        cols = [min(max(c + dx[i] - p, 0), 3) for c in range(4)]
+        assert torch.equal(out[i], x[i][:, rows][:, :, cols]), (dy[i], dx[i])
+    assert out.dtype == torch.uint8 and out.shape == x.shape
+
+
+def test_early_stopping_counts_patience_from_its_start_step():
+    from clipkit.finetune.early_stop import EarlyStopping
+
+    module = torch.nn.Linear(1, 1)
+    accs = {0: 0.8, 100: 0.7, 200: 0.75, 300: 0.79, 400: 0.85, 500: 0.84, 600: 0.83}
+    plain, late = EarlyStopping("accuracy", patience=2), EarlyStopping("accuracy", patience=2, start=300)
+    stops = {name: [s for s, a in accs.items() if es.update(s, {"accuracy": a}, module)]
+             for name, es in (("plain", plain), ("late", late))}  # fmt: skip
+    assert stops["plain"][0] == 200  # two evaluations below step 0's 0.8: stops inside the dip
+    assert stops["late"][0] == 600  # the dip does not count; 500 and 600 fall short of step 400's 0.85
+    assert late.best_step == 400 and late.best_value == 0.85
+
+
+def test_augmentation_refused_for_linear(digits_dir, tiny_folder, tmp_path):
+    with pytest.raises(Exception, match="finetune.flip"):
+        load_finetune_recipe(_recipe(tmp_path, digits_dir, tiny_folder, mode="linear", flip=True))
+
+
 # ---------------------------------------------------------------------------------------- end to end
 
 

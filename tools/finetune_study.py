@@ -11,7 +11,8 @@ Hyper-parameters are the recipe's (chosen on validation; the test sets are only 
         --out runs/finetune-study --seeds 0 1 2 --modes linear ce flyp
 
 Writes <out>/<mode>-s<seed>/ (each a finetune run folder), <out>/study.json and <out>/study.md; with --bench also
-docs/bench/finetune_study_<dataset>.json.
+docs/bench/finetune_study_<dataset>.json, with --figure docs/images/finetune_shift_<dataset>.png (test images over their
+shifted copies).
 """
 
 from __future__ import annotations
@@ -77,6 +78,24 @@ def build_shifted(data: Path, dataset: str) -> Path:
     return out
 
 
+def shift_figure(data: Path, dataset: str, out: Path, n: int = 8, size: int = 64) -> Path:
+    """A PNG of the first `n` test images (top row) over their shifted copies (bottom row), each `size` px."""
+    import io
+    from collections import Counter
+
+    rows = []
+    for split in (dataset, f"{dataset}-shifted"):
+        it = read_tar_samples(iter(expand_shards(str(data / split / "test-*.tar"))), Counter())
+        rows.append([Image.open(io.BytesIO(next(it)["png"])).convert("RGB").resize((size, size)) for _ in range(n)])
+    sheet = Image.new("RGB", (n * size, 2 * size), "white")
+    for r, images in enumerate(rows):
+        for c, im in enumerate(images):
+            sheet.paste(im, (c * size, r * size))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    sheet.save(out)
+    return out
+
+
 def run_one(mode: str, seed: int, args: argparse.Namespace) -> dict:
     folder = args.out / f"{mode}-s{seed}"
     if (folder / "summary.json").is_file() and not args.rerun:
@@ -139,11 +158,14 @@ def main() -> int:
     p.add_argument("--modes", nargs="+", default=["linear", "ce", "flyp"], choices=["linear", "ce", "flyp"])
     p.add_argument("--set", nargs="*", default=[], help="extra recipe overrides (dotted.key=value)")
     p.add_argument("--rerun", action="store_true", help="rerun runs that already have a summary.json")
-    p.add_argument("--bench", action="store_true", help="also write docs/bench/finetune_study.json")
+    p.add_argument("--bench", action="store_true", help="also write docs/bench/finetune_study_<dataset>.json")
+    p.add_argument("--figure", action="store_true", help="also write docs/images/finetune_shift_<dataset>.png")
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     args.data = args.data.resolve()
     build_shifted(args.data, args.dataset)
+    if args.figure:
+        shift_figure(args.data, args.dataset, ROOT / f"docs/images/finetune_shift_{args.dataset}.png")
     runs: dict[str, list[dict]] = {}
     for seed in args.seeds:  # seed-major: a cut-short study still has every mode of the first seeds
         for mode in args.modes:

@@ -20,10 +20,13 @@ class EarlyStopping:
         monitor: "accuracy", "macro_f1" (higher is better) or "loss" (lower is better).
         patience: evaluations without improvement before `update` returns True (0: never).
         min_delta: the smallest change that counts as an improvement.
+        start: evaluations before this step still pick the best weights but never count against the patience (as
+            Keras' `start_from_epoch`): fine-tuning at a high learning rate first loses accuracy, and a cosine schedule
+            only recovers it later.
     """
 
-    def __init__(self, monitor: str, patience: int, min_delta: float = 0.0):
-        self.monitor, self.patience, self.min_delta = monitor, patience, min_delta
+    def __init__(self, monitor: str, patience: int, min_delta: float = 0.0, start: int = 0):
+        self.monitor, self.patience, self.min_delta, self.start = monitor, patience, min_delta, start
         self.sign = 1.0 if HIGHER_IS_BETTER[monitor] else -1.0
         self.best, self.best_step, self.state = -math.inf, None, None
         self.bad_evals = 0
@@ -34,7 +37,7 @@ class EarlyStopping:
         if value > self.best + self.min_delta:
             self.best, self.best_step, self.bad_evals = value, step, 0
             self.state = {k: v.detach().clone() for k, v in module.state_dict().items()}
-        else:
+        elif step >= self.start:
             self.bad_evals += 1
         return self.patience > 0 and self.bad_evals >= self.patience
 

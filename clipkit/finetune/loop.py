@@ -61,6 +61,30 @@ def _batches(n: int, batch_size: int, generator: torch.Generator) -> Iterator[to
             yield order[i : i + batch_size]
 
 
+def augment(pixels: torch.Tensor, flip: bool, pad: int, generator: torch.Generator) -> torch.Tensor:
+    """Random horizontal flips and pad-and-crop shifts of stored training pixels (the CIFAR / Fashion-MNIST recipe).
+
+    Args:
+        pixels: [B, 3, S, S] stored images at the model's input size (uint8, or float: `LabeledImages.pixels`).
+        flip: flip each image left-right with probability 1/2.
+        pad: largest shift in pixels; the border is filled by repeating the edge pixels.
+        generator: draws the flips and offsets (its own stream: the data order does not change with augmentation).
+
+    Returns:
+        [B, 3, S, S] of the same dtype.
+    """
+    b, _, h, w = pixels.shape
+    out = pixels
+    if flip:
+        flips = torch.rand(b, generator=generator) < 0.5
+        out = torch.where(flips[:, None, None, None], out.flip(-1), out)
+    if pad:
+        padded = F.pad(out.float(), (pad, pad, pad, pad), mode="replicate").to(out.dtype)  # [B, 3, S+2p, S+2p]
+        dy, dx = torch.randint(0, 2 * pad + 1, (2, b), generator=generator).tolist()
+        out = torch.stack([padded[i, :, y : y + h, x : x + w] for i, (y, x) in enumerate(zip(dy, dx, strict=True))])
+    return out
+
+
 def fit(
     mode,
     train: LabeledImages,
@@ -75,7 +99,8 @@ def fit(
     """Trains `mode` for up to `cfg.steps` steps; restores the best validation step's weights at the end.
 
     Validation runs before the first step (the starting weights can win), every `cfg.eval_every` steps and after the
-    last one. Early stopping (`cfg.patience`, `cfg.min_delta`, `cfg.monitor`) may end the run sooner.
+    last one. Early stopping (`cfg.patience`, `cfg.min_delta`, `cfg.monitor`, from `cfg.early_stop_from`) may end the
+    run sooner.
 
     Args:
         mode: a `clipkit.finetune.modes` mode that trains.
@@ -94,20 +119,27 @@ def fit(
     if len(train) < cfg.batch_size:
         raise ValueError(f"finetune.batch_size={cfg.batch_size} is larger than the {len(train)} training samples")
     generator = torch.Generator().manual_seed(seed)
+    aug_generator = torch.Generator().manual_seed(seed + 1_000_003)  # flips and shifts: a stream of their own
     module = mode.module
     optimizer = make_optimizer(module, cfg.lr, cfg.weight_decay, BETAS, EPS)
     scheduler = make_scheduler(optimizer, cfg.steps, cfg.warmup, cfg.lr, 0.0)
     params = [p for p in module.parameters() if p.requires_grad]
-    stopper = EarlyStopping(cfg.monitor, cfg.patience, cfg.min_delta)
+    stopper = EarlyStopping(cfg.monitor, cfg.patience, cfg.min_delta, cfg.early_stop_from)
 
     def evaluate(step: int) -> bool:
         metrics = scores(predict_logits(mode.classifier(), val, pixels, cfg.eval_batch_size, device), val.labels)
         stop = stopper.update(step, metrics, module)
         record({"step": step, **{f"val/{k}": v for k, v in metrics.items()}, "best_step": stopper.best_step})
+        if stopper.bad_evals:
+            note = f", {stopper.bad_evals}/{cfg.patience} without improvement"
+        elif step < cfg.early_stop_from and stopper.best_step != step:
+            note = f", patience counts from step {cfg.early_stop_from}"
+        else:
+            note = ""
         log.info(
             "step %d: val accuracy %.4f macro-F1 %.4f loss %.4f (best %s %.4f at step %d%s)",
             step, metrics["accuracy"], metrics["macro_f1"], metrics["loss"], cfg.monitor, stopper.best_value,
-            stopper.best_step, f", {stopper.bad_evals}/{cfg.patience} without improvement" if stopper.bad_evals else "",
+            stopper.best_step, note,
         )  # fmt: skip
         if on_eval is not None:
             on_eval(step, metrics, module)
@@ -121,7 +153,10 @@ def fit(
     with tqdm(total=cfg.steps, desc=f"finetune {cfg.mode}", unit="step", disable=None) as bar:
         while step < cfg.steps and not stopped:
             rows = next(batches)
-            images, labels = pixels.batch(train.pixels[rows], device), train.labels[rows].to(device)
+            stored = train.pixels[rows]  # [B, 3, S, S] uint8
+            if cfg.flip or cfg.crop_pad:
+                stored = augment(stored, cfg.flip, cfg.crop_pad, aug_generator)
+            images, labels = pixels.batch(stored, device), train.labels[rows].to(device)
             loss = mode.loss(images, labels, generator)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
