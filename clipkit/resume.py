@@ -50,6 +50,7 @@ FIXED_ON_RESUME = (
     "train.precision",
     "train.threads",
     "train.fsdp",
+    "train.caption_weight",
 )
 
 

@@ -29,14 +29,14 @@ from accelerate.utils import set_seed
 
 from clipkit import distributed, faults, threads
 from clipkit.checkpoint import Progress, checkpoint_dir, load_progress, prune_checkpoints, save_checkpoint
-from clipkit.config import Recipe, RecipeError, save_recipe, to_dict
+from clipkit.config import Recipe, RecipeError, check_caption_weight, save_recipe, to_dict
 from clipkit.data.pipeline import Source, TrainStream, train_loader
 from clipkit.data.shards import expand_shards
 from clipkit.evaluate import run as evals
 from clipkit.files import write_json_atomic
 from clipkit.loss import ContrastiveLoss
 from clipkit.models import ModelBundle, create_model
-from clipkit.models.factory import build_transforms, resolve_config
+from clipkit.models.factory import build_transforms, is_coca, resolve_config
 from clipkit.models.weights import refuse_pickled_code
 from clipkit.optim import NonFiniteGuard, make_optimizer, make_scheduler
 from clipkit.plots import plot_metrics
@@ -238,7 +238,18 @@ def setup(recipe: Recipe, out_dir: Path, resume: str | None) -> Run:
             recipe.data.max_skip_rate,
         ),
         channels_last=channels_last,
+        objectives=build_objectives(recipe, bundle),
     )
+
+
+def build_objectives(recipe: Recipe, bundle: ModelBundle) -> list[Objective]:
+    """The recipe's auxiliary objectives (clipkit/objectives/), in the order their losses are added."""
+    objectives: list[Objective] = []
+    if recipe.train.caption_weight:
+        from clipkit.objectives.caption import CaptionObjective, pad_token_id
+
+        objectives.append(CaptionObjective(recipe.train.caption_weight, pad_token_id(bundle.tokenizer)))
+    return objectives
 
 
 def data_stream(recipe: Recipe, shards: dict, bundle: ModelBundle, accelerator: Accelerator, progress: Progress):
@@ -393,8 +404,8 @@ def preflight(recipe: Recipe) -> dict[str, list[str]]:
     Raises:
         RecipeError: naming the key whose files are missing.
     """
-    if recipe.model.name is not None:
-        resolve_config(recipe.model)  # an unknown architecture fails here, naming model.name
+    model_cfg = resolve_config(recipe.model)["model_cfg"]  # an unknown architecture or tower key fails here
+    check_caption_weight(recipe.train.caption_weight, is_coca(model_cfg))  # a named coca_* architecture too
     shards = {}
     specs = [(f"data.sources.{i}.shards", s.shards) for i, s in enumerate(recipe.data.sources)]
     specs += [(f"eval.tasks.{i}.shards", t.shards) for i, t in enumerate(recipe.eval.tasks)]

@@ -1,0 +1,1 @@
+"""Auxiliary training objectives added to the contrastive loss (the `clipkit.step.Objective` protocol)."""
