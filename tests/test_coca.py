@@ -40,8 +40,14 @@ def test_decoder_is_initialized_and_the_forward_gives_caption_logits():
     assert torch.equal(proj, b.text_decoder.text_projection)  # seeded, not torch.empty's leftover memory
     assert abs(proj.std().item() - 32**-0.5) < 0.01
     images, texts = batch(4)
-    out = a(image=images, text=texts)  # as clipkit.step calls it
-    assert out["logits"].shape == (4, 15, 49408) and torch.equal(out["labels"], texts[:, 1:])
+    dense = open_clip.CoCa.forward(a, images, texts)  # open_clip's own forward: logits at every position
+    assert dense["logits"].shape == (4, 15, 49408) and torch.equal(dense["labels"], texts[:, 1:])
+    out = a.train()(image=images, text=texts)  # as clipkit.step calls it: states before the vocabulary projection
+    assert "logits" not in out and out["caption_states"].shape == (4, 15, 32)
+    assert torch.allclose(out["caption_states"] @ out["caption_projection"], dense["logits"], atol=1e-12, rtol=0)
+    assert torch.allclose(a.eval()(images, texts)["logits"], dense["logits"], atol=1e-12, rtol=0)
+    for key in ("image_features", "text_features", "logit_scale"):
+        assert torch.equal(out[key], dense[key]), key
     assert torch.allclose(out["image_features"], a.encode_image(images, normalize=True))
     assert torch.allclose(out["text_features"], a.encode_text(texts, normalize=True))
 
@@ -67,22 +73,24 @@ def test_named_coca_architectures_build():
 
 
 def test_caption_loss_equals_open_clip_coca_loss_and_a_hand_count():
-    model = coca()
+    model = coca().train()
     images, texts = batch(6)
     out = model(image=images, text=texts)
+    dense = open_clip.CoCa.forward(model, images, texts)
     obj = CaptionObjective(2.0)
     mb = MicroBatch(images, texts)
     obj.begin([mb])
     ours = obj(model, out, mb)
     ref = open_clip.loss.CoCaLoss(caption_loss_weight=2.0, clip_loss_weight=0.0)
-    _, theirs = ref(out["image_features"], out["text_features"], out["logits"], out["labels"], out["logit_scale"])
+    _, theirs = ref(out["image_features"], out["text_features"], dense["logits"], dense["labels"], out["logit_scale"])
     assert torch.allclose(ours, theirs, atol=1e-12, rtol=0)
+    assert torch.allclose(obj(model, dense, mb), theirs, atol=1e-12, rtol=0)  # open_clip's dense logits too
     labels = texts[:, 1:]
-    logp = out["logits"].log_softmax(-1).gather(-1, labels[..., None])[..., 0]
+    logp = dense["logits"].log_softmax(-1).gather(-1, labels[..., None])[..., 0]
     keep = labels != 0
     assert int(obj.tokens) == int(keep.sum()) == sum((1 + i % 5) + 1 for i in range(6))  # words + end token
     assert torch.allclose(ours, -2.0 * logp[keep].mean(), atol=1e-12, rtol=0)
-    assert torch.equal(obj.last, ours.detach())
+    assert torch.allclose(obj.last, 2 * ours.detach(), atol=1e-12, rtol=0)  # called twice
 
 
 def test_accumulation_gives_the_big_batch_gradient():
@@ -107,7 +115,27 @@ def test_accumulation_gives_the_big_batch_gradient():
         assert torch.allclose(big[name], small[name], atol=1e-10, rtol=0), name
 
 
+def test_each_process_share_is_scaled_by_the_world_size(monkeypatch):
+    """Arithmetic of the DDP scaling: 2 processes holding the same batch give each the single-process loss (the
+    count is all-reduced to twice the tokens, the share times W = 2), so DDP's average is the big batch's gradient."""
+    from clipkit.objectives import caption
+
+    model = coca().train()
+    images, texts = batch(6)
+    mb = MicroBatch(images, texts)
+    out = model(image=images, text=texts)
+    single = CaptionObjective(2.0)
+    single.begin([mb])
+    monkeypatch.setattr(caption, "world", lambda: (0, 2))
+    monkeypatch.setattr(caption.dist, "all_reduce", lambda t: t.mul_(2))  # the other process: the same tokens
+    shared = CaptionObjective(2.0)
+    shared.begin([mb])
+    assert int(shared.tokens) == 2 * int(single.tokens)
+    assert torch.allclose(shared(model, out, mb), single(model, out, mb), atol=1e-12, rtol=0)
+
+
 @pytest.mark.dist
+@pytest.mark.slow  # ~20 s on 2 busy cores: two spawned interpreters
 def test_two_processes_with_accumulation_equal_one_process_big_batch(tmp_path):
     """W=2 processes x K=2 micro-batches: the caption share of each process is scaled by W for DDP's average."""
     out = str(tmp_path / "r.pt")
@@ -146,13 +174,13 @@ def naive_greedy(model, image: torch.Tensor, special, max_length: int) -> list[i
 
 def test_greedy_equals_a_naive_loop_and_top_k_1_is_greedy():
     model = coca(torch.float32).eval()
-    images, _ = batch(3, torch.float32)
+    images, _ = batch(2, torch.float32)
     special = special_tokens(build_tokenizer(TINY_COCA))
-    ours = sample(model, images, special, "greedy", max_length=10)
-    assert ours == [naive_greedy(model, im, special, 10) for im in images]
-    assert all(len(x) == 9 and x[-1] == special.eot for x in ours)  # untrained: runs to the end
-    assert sample(model, images, special, "top_k", max_length=10, top_k=1) == ours
-    draw = [sample(model, images, special, "top_p", 10, generator=torch.Generator().manual_seed(1)) for _ in "ab"]
+    ours = sample(model, images, special, "greedy", max_length=8)
+    assert ours == [naive_greedy(model, im, special, 8) for im in images]
+    assert all(len(x) == 7 and x[-1] == special.eot for x in ours)  # untrained: runs to the end
+    assert sample(model, images, special, "top_k", max_length=8, top_k=1) == ours
+    draw = [sample(model, images, special, "top_p", 8, generator=torch.Generator().manual_seed(1)) for _ in "ab"]
     assert draw[0] == draw[1]  # a seed gives the same captions
 
 
@@ -255,10 +283,11 @@ def digit_png(path) -> str:
 def test_caption_command_prints_captions(coca_run, tmp_path, capsys):
     _, run = coca_run
     png = digit_png(tmp_path / "three.png")
-    assert main(["caption", "--checkpoint", str(run / "model"), "--image", png, png, "--max-length", "8"]) == 0
+    assert main(["caption", "--checkpoint", str(run / "model"), "--image", png, png, "--max-length", "6"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert len(lines) == 2 and all(line.startswith(f"{png}\t") and line.split("\t")[1] for line in lines)
-    argv = ["caption", "--checkpoint", str(run / "model"), "--image", png, "--method", "top_k", "--json", "--seed", "3"]
+    argv = ["caption", "--checkpoint", str(run / "model"), "--image", png, "--method", "top_k", "--json", "--seed", "3",
+            "--max-length", "6"]  # fmt: skip
     assert main(argv) == 0
     first = json.loads(capsys.readouterr().out)
     assert main(argv) == 0

@@ -212,7 +212,9 @@ def build_model(model_cfg: dict, load_tower_weights: bool = True) -> torch.nn.Mo
         cfg["text_cfg"]["hf_model_pretrained"] = load_tower_weights
     custom_text = cfg.pop("custom_text", False) or is_hf_text
     if is_coca(cfg):
-        model = open_clip.CoCa(**cfg)
+        from clipkit.models.coca import CoCa
+
+        model = CoCa(**cfg)
         init_text_decoder(model)
         return model
     cls = open_clip.CustomTextCLIP if custom_text else open_clip.CLIP
