@@ -3,7 +3,9 @@
 clipkit writes no tower of its own: open_clip's `CLIP` / `CustomTextCLIP` / `CoCa` classes hold the towers, and
 its transforms and tokenizers preprocess. What is here is the glue: resolving a recipe's `ModelCfg` into one
 open_clip model config dict, which is also what is saved beside the weights (`open_clip_config.json`), so a
-saved model folder loads in open_clip as `local-dir:` unchanged.
+saved model folder loads in open_clip as `local-dir:` unchanged. A CoCa (a config with `multimodal_cfg`) is
+clipkit/models/coca.py's subclass of open_clip's, whose training forward leaves the vocabulary projection to the
+caption loss; its decoder is initialized here (`init_text_decoder`).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from open_clip.model import CLIPTextCfg, CLIPVisionCfg
 from open_clip.transform import PreprocessCfg, image_transform_v2, merge_preprocess_dict
 
 from clipkit.config import ModelCfg, RecipeError
+from clipkit.models.coca import CoCa
 from clipkit.models.freeze import apply_locks, cache_locked_text, trainable_summary
 from clipkit.models.weights import load_pretrained
 
@@ -212,8 +215,6 @@ def build_model(model_cfg: dict, load_tower_weights: bool = True) -> torch.nn.Mo
         cfg["text_cfg"]["hf_model_pretrained"] = load_tower_weights
     custom_text = cfg.pop("custom_text", False) or is_hf_text
     if is_coca(cfg):
-        from clipkit.models.coca import CoCa
-
         model = CoCa(**cfg)
         init_text_decoder(model)
         return model
