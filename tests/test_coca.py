@@ -312,3 +312,5 @@ def test_generate_refuses_a_clip_model():
         generate(model, torch.zeros(1, 3, 16, 16), special_tokens(build_tokenizer(TINY_MODEL)))
     tokenizer = build_tokenizer(TINY_MODEL)
     assert decode(tokenizer, [49406, 320, 2368, 49407, 0], special_tokens(tokenizer)) == "a cat"
+    ids = tokenizer(["a photo of a cat, sitting."])[0].tolist()
+    assert decode(tokenizer, ids, special_tokens(tokenizer)) == "a photo of a cat, sitting."

@@ -18,6 +18,7 @@ O(max_length^2) token positions per caption, small at captioning lengths (<= 77 
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Literal
 
@@ -50,8 +51,10 @@ def decode(tokenizer, ids: list[int], special: SpecialTokens) -> str:
     """Caption text of generated token ids (start, end and pad ids dropped)."""
     ids = [i for i in ids if i not in (special.sot, special.eot, special.pad)]
     hf = getattr(tokenizer, "tokenizer", None)
-    text = hf.decode(ids, skip_special_tokens=True) if hf is not None else tokenizer.decode(ids)
-    return " ".join(text.split())
+    if hf is not None:
+        return " ".join(hf.decode(ids, skip_special_tokens=True).split())
+    # The CLIP BPE ends every word with a space, punctuation included: "ankle boot ." -> "ankle boot."
+    return re.sub(r" ([.,:;!?])", r"\1", " ".join(tokenizer.decode(ids).split()))
 
 
 def max_caption_length(model: torch.nn.Module) -> int:
