@@ -1,4 +1,4 @@
-"""`clipkit train|eval|embed|index|data|models|export`: the only module that reads argv."""
+"""`clipkit train|eval|embed|index|data|models|export|caption`: the only module that reads argv."""
 
 from __future__ import annotations
 
@@ -369,6 +369,42 @@ def _cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_caption(args: argparse.Namespace) -> int:
+    if args.max_length is not None and args.max_length < 2:
+        raise ValueError(f"--max-length {args.max_length}: a caption needs at least 2 tokens (start and end)")
+    if args.beams < 1:
+        raise ValueError(f"--beams {args.beams}: must be >= 1")
+    missing = [f for f in args.image if not Path(f).is_file()]
+    if missing:
+        raise FileNotFoundError(errno.ENOENT, "image not found", missing[0])
+    import torch
+    from PIL import Image
+
+    from clipkit.models.generate import decode, generate, is_captioner, special_tokens
+
+    bundle, device = _load(args.checkpoint)
+    if not is_captioner(bundle.model):
+        raise ValueError(
+            f"--checkpoint {args.checkpoint}: not a CoCa model (its open_clip_config.json has no multimodal_cfg), "
+            "so it has no text decoder to write captions; train one with a CoCa recipe (recipes/quickstart-coca.yaml)"
+        )
+    images = []
+    for f in args.image:
+        with Image.open(f) as im:
+            images.append(bundle.eval_transform(im.convert("RGB")))
+    special = special_tokens(bundle.tokenizer)
+    generator = torch.Generator(device).manual_seed(args.seed)
+    ids = generate(bundle.model, torch.stack(images).to(device), special, args.method, args.max_length, args.beams,
+                   generator=generator)  # fmt: skip
+    captions = [decode(bundle.tokenizer, x, special) for x in ids]
+    if args.json:
+        print(json.dumps([{"image": f, "caption": c} for f, c in zip(args.image, captions, strict=True)], indent=2))
+    else:
+        for f, c in zip(args.image, captions, strict=True):
+            print(f"{f}\t{c}")
+    return 0
+
+
 def _add_train_args(t: argparse.ArgumentParser) -> argparse.ArgumentParser:
     t.add_argument("recipe", help="recipe YAML file")
     t.add_argument("overrides", nargs="*", help="dotted.key=value overrides, e.g. train.steps=100")
@@ -556,6 +592,16 @@ def make_parser() -> argparse.ArgumentParser:
     x.add_argument("--out", required=True, help="folder to write (new or empty)")
     x.add_argument("--overwrite", action="store_true", help="write into a non-empty --out, replacing same-named files")
     x.set_defaults(fn=_cmd_export)
+
+    c = sub.add_parser("caption", help="write captions for images with a trained CoCa model (docs/learning.md#coca)")
+    c.add_argument("--checkpoint", required=True, help="CoCa model folder (open_clip_config.json + weights)")
+    c.add_argument("--image", required=True, nargs="+", help="image files")
+    c.add_argument("--method", choices=["beam", "greedy", "top_k", "top_p"], default="beam", help="decoding")
+    c.add_argument("--max-length", type=int, help="tokens at most, start and end included (default: context length)")
+    c.add_argument("--beams", type=int, default=4, help="beams of --method beam")
+    c.add_argument("--seed", type=int, default=0, help="sampling seed of top_k / top_p")
+    c.add_argument("--json", action="store_true", help="print [{image, caption}] as JSON")
+    c.set_defaults(fn=_cmd_caption)
     return p
 
 

@@ -229,6 +229,9 @@ class TrainCfg:
             checkpoint writes included), before the run fails on every process instead of hanging
             (clipkit/distributed.py). Raise it if one step can take longer, e.g. large evals on the main process.
         slip: SLIP's image self-supervision as an auxiliary loss (off by default; `SlipCfg`).
+        caption_weight: CoCa only (a model config with `multimodal_cfg`), and required there: the weight of the
+            captioning loss (next-token cross-entropy of the text decoder, averaged over the caption tokens of the
+            whole step) added to the contrastive loss; open_clip's default is 2.0. See docs/learning.md#coca.
     """
 
     steps: int = 1000
@@ -258,6 +261,7 @@ class TrainCfg:
     threads: int = 0
     timeout: float = 1800.0
     slip: SlipCfg = field(default_factory=SlipCfg)
+    caption_weight: float | None = None
 
 
 @dataclass(frozen=True)
@@ -688,6 +692,8 @@ def validate(r: Recipe) -> None:
     need(t.timeout > 0, "train.timeout", t.timeout, "must be positive (seconds)")
     need(0 <= d.max_skip_rate <= 1, "data.max_skip_rate", d.max_skip_rate, "must be in [0, 1]")
     _validate_slip(r, need)
+    if m.config is not None:  # a named architecture is checked once open_clip resolves it (train.preflight)
+        check_caption_weight(t.caption_weight, "multimodal_cfg" in m.config)
 
     e = r.eval
     if t.keep_best is not None:
@@ -739,6 +745,24 @@ def _validate_slip(r: Recipe, need: Callable[[bool, str, Any, str], None]) -> No
         s.weight,
         "trains the image tower, which model.lock_image freezes entirely (unlock some groups, or turn SLIP off)",
     )
+
+
+def check_caption_weight(weight: float | None, coca: bool) -> None:
+    """train.caption_weight: required and positive for a CoCa model, unset (or 0) for any other.
+
+    Raises:
+        RecipeError: naming train.caption_weight.
+    """
+    if coca and not (weight is not None and weight > 0):
+        raise RecipeError(
+            f"train.caption_weight: {weight!r}: a CoCa model (model.config.multimodal_cfg) trains its text decoder "
+            "with a captioning loss: set its weight > 0 (open_clip's default is 2.0)"
+        )
+    if not coca and weight:
+        raise RecipeError(
+            f"train.caption_weight: {weight!r} needs a CoCa model (an open_clip config with multimodal_cfg, or a "
+            "coca_* architecture); this model has no text decoder"
+        )
 
 
 def save_recipe(recipe: Recipe, path: Path) -> None:

@@ -51,6 +51,7 @@ FIXED_ON_RESUME = (
     "train.threads",
     "train.fsdp",
     "train.slip",
+    "train.caption_weight",
 )
 
 

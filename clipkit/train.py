@@ -29,7 +29,7 @@ from accelerate.utils import set_seed
 
 from clipkit import distributed, faults, threads
 from clipkit.checkpoint import Progress, checkpoint_dir, load_progress, prune_checkpoints, save_checkpoint
-from clipkit.config import Recipe, RecipeError, save_recipe, to_dict
+from clipkit.config import Recipe, RecipeError, check_caption_weight, save_recipe, to_dict
 from clipkit.data.pipeline import Source, TrainStream, train_loader
 from clipkit.data.shards import expand_shards
 from clipkit.data.views import SimCLRViews
@@ -37,7 +37,7 @@ from clipkit.evaluate import run as evals
 from clipkit.files import write_json_atomic
 from clipkit.loss import ContrastiveLoss
 from clipkit.models import ModelBundle, create_model
-from clipkit.models.factory import build_transforms, resolve_config
+from clipkit.models.factory import build_transforms, is_coca, resolve_config
 from clipkit.models.weights import refuse_pickled_code
 from clipkit.objectives import build_objectives, heads
 from clipkit.optim import NonFiniteGuard, make_optimizer, make_scheduler
@@ -193,7 +193,7 @@ def setup(recipe: Recipe, out_dir: Path, resume: str | None) -> Run:
     channels_last = use_channels_last(t.channels_last, bundle.model)
     if channels_last:
         bundle.model.to(memory_format=torch.channels_last)  # conv weights NHWC; the optimizer state follows
-    objectives = build_objectives(t, bundle.config["model_cfg"]["embed_dim"])
+    objectives = build_objectives(t, bundle.config["model_cfg"]["embed_dim"], bundle.tokenizer)
     extra = [h.to(accelerator.device) for h in heads(objectives)]
     optimizer = make_optimizer(bundle.model.to(accelerator.device), t.lr, t.weight_decay, t.betas, t.eps, extra)
     scheduler = make_scheduler(optimizer, t.steps, t.warmup, t.lr, t.min_lr)
@@ -415,8 +415,8 @@ def preflight(recipe: Recipe) -> dict[str, list[str]]:
     Raises:
         RecipeError: naming the key whose files are missing.
     """
-    if recipe.model.name is not None:
-        resolve_config(recipe.model)  # an unknown architecture fails here, naming model.name
+    model_cfg = resolve_config(recipe.model)["model_cfg"]  # an unknown architecture or tower key fails here
+    check_caption_weight(recipe.train.caption_weight, is_coca(model_cfg))  # a named coca_* architecture too
     shards = {}
     specs = [(f"data.sources.{i}.shards", s.shards) for i, s in enumerate(recipe.data.sources)]
     specs += [(f"eval.tasks.{i}.shards", t.shards) for i, t in enumerate(recipe.eval.tasks)]

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import TINY_MODEL
-from tools.learning_study import ARMS, BEGIN, END, doc_block, fill_doc, main, parse_arm, plan_steps
+from tools.learning_study import ARMS, BEGIN, END, arm_recipe, doc_block, fill_doc, main, parse_arm, plan_steps
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -35,7 +35,27 @@ def test_every_built_in_arm_is_a_valid_quickstart_recipe():
     from clipkit.config import load_recipe
 
     for overrides in ARMS.values():
-        load_recipe(ROOT / "recipes/quickstart.yaml", overrides)
+        load_recipe(*arm_recipe(overrides))
+
+
+def test_an_arm_can_train_another_recipe(tmp_path, capsys):
+    """`recipe=PATH` (the built-in coca arm: recipes/quickstart-coca.yaml) picks the recipe file; others stay."""
+    assert parse_arm("coca") == ("coca", ["recipe=recipes/quickstart-coca.yaml"])
+    assert arm_recipe(["seed=1", "recipe=recipes/quickstart-coca.yaml", "train.lr=1e-3"]) == (
+        ROOT / "recipes/quickstart-coca.yaml",
+        ["seed=1", "train.lr=1e-3"],
+    )
+    assert arm_recipe(["train.lr=1e-3"]) == (ROOT / "recipes/quickstart.yaml", ["train.lr=1e-3"])
+    assert arm_recipe([f"recipe={tmp_path}/r.yaml"])[0] == tmp_path / "r.yaml"
+    for name in ("emoji", "fashion-mnist", "openclipart"):  # what the data check looks for
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "dataset.json").write_text("{}")
+    assert main(["--arms", "x=recipe=recipes/nosuch.yaml", "--data", str(tmp_path), "--out", str(tmp_path / "o")]) == 2
+    assert "arm 'x': recipe=" in capsys.readouterr().err
+    # A CoCa arm's recipe is checked as such: its caption weight cannot be dropped.
+    argv = ["--arms", "c=recipe=recipes/quickstart-coca.yaml,train.caption_weight=null", "--data", str(tmp_path)]
+    assert main([*argv, "--out", str(tmp_path / "o")]) == 2
+    assert "train.caption_weight" in capsys.readouterr().err
 
 
 def study_json(arms: dict) -> dict:

@@ -3,8 +3,11 @@
     python tools/learning_study.py --throughput --seeds 0 1 2 --data data --out runs/learning-study
 
 An arm is a name and recipe overrides, `NAME=key=value,key=value` (commas inside [...] or {...} stay in the value),
-or the name of a built-in arm (ARMS: baseline, multi-positive, augment, keywords, all-lines), so a new objective
-slots in without code: `--arms baseline slip=train.slip.weight=1.0`. Every run is
+or the name of a built-in arm (ARMS: baseline, multi-positive, augment, keywords, all-lines, coca), so a new objective
+slots in without code: `--arms baseline slip=train.slip.weight=1.0`. An arm may train another recipe than the
+quickstart with the pseudo-override `recipe=PATH` (relative to the repository): the built-in `coca` arm is
+`recipe=recipes/quickstart-coca.yaml` (the quickstart with a CoCa captioning decoder). Every run is (with the
+arm's recipe file in place of the quickstart's)
 
     python -m clipkit.cli train recipes/quickstart.yaml data_root=DATA index.shards= eval.tasks=[...] [--set ...] \
         seed=S <arm overrides> train.steps=N train.warmup=W --out OUT/<arm>-s<seed>
@@ -64,7 +67,9 @@ ARMS = {  # name -> recipe overrides; what main offers today
     ],
     "keywords": ["data.caption=keywords"],
     "all-lines": ["data.caption=all"],
+    "coca": ["recipe=recipes/quickstart-coca.yaml"],  # the same data, towers and evals, plus a captioning decoder
 }
+RECIPE_OVERRIDE = "recipe="  # an arm's pseudo-override naming the recipe file it trains
 TASKS = {  # name -> (eval task of the recipe, the dataset folder it needs under --data)
     "emoji-retrieval": ({"task": "retrieval", "dataset": "emoji", "shards": "emoji/test-*.tar"}, "emoji"),
     "emoji-zeroshot": (
@@ -134,6 +139,19 @@ def parse_arm(spec: str) -> tuple[str, list[str]]:
     return name, overrides
 
 
+def arm_recipe(overrides: list[str]) -> tuple[Path, list[str]]:
+    """(the recipe file a run trains, its other overrides): `recipe=PATH` names the file (relative to the repository;
+    the last one wins), else the quickstart."""
+    recipe, rest = RECIPE, []
+    for o in overrides:
+        if o.startswith(RECIPE_OVERRIDE):
+            path = Path(o[len(RECIPE_OVERRIDE) :].strip())
+            recipe = path if path.is_absolute() else ROOT / path
+        else:
+            rest.append(o)
+    return recipe, rest
+
+
 def plan_steps(rates: dict[str, float], reference: str, steps: int, warmup: int) -> dict[str, dict]:
     """Equal time: each arm's steps = round(steps * rate / reference rate) (at least 2), LR warmup scaled alike."""
     plan = {}
@@ -198,11 +216,12 @@ def fill_doc(doc: Path, block: str) -> None:
 
 
 def train(run_dir: Path, overrides: list[str], log: Path, threads: int) -> float:
-    """One `clipkit train` of the quickstart recipe in a subprocess (this checkout's clipkit); its wall seconds."""
+    """One `clipkit train` of the quickstart (or `recipe=`) in a subprocess (this checkout's clipkit); wall seconds."""
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep))
     if threads:
         env["OMP_NUM_THREADS"] = str(threads)
-    cmd = [sys.executable, "-m", "clipkit.cli", "train", str(RECIPE), *overrides, "--out", str(run_dir)]
+    recipe, overrides = arm_recipe(overrides)
+    cmd = [sys.executable, "-m", "clipkit.cli", "train", str(recipe), *overrides, "--out", str(run_dir)]
     log.parent.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     with open(log, "w", encoding="utf-8") as f:
@@ -252,8 +271,8 @@ def measure_throughput(args, arms: dict[str, list[str]], common: list[str], out:
             train(run_dir, [*common, "seed=0", *overrides, *extra], out / "logs" / f"throughput-{arm}-r{rnd}.log",
                   args.threads)  # fmt: skip
             rows = step_rows(run_dir)
-            seconds = train_seconds(rows, args.batch, after=args.throughput_warmup)
-            done["rounds"].append({"samples_per_s": args.throughput_steps * args.batch / seconds,
+            seconds = train_seconds(rows, args.batches[arm], after=args.throughput_warmup)
+            done["rounds"].append({"samples_per_s": args.throughput_steps * args.batches[arm] / seconds,
                                    "load": list(os.getloadavg())})  # fmt: skip
             done["samples_per_s"] = statistics.mean(r["samples_per_s"] for r in done["rounds"])
             shutil.rmtree(run_dir, ignore_errors=True)
@@ -293,7 +312,7 @@ def run_one(args, arm: str, seed: int, overrides: list[str], plan: dict, common:
         "steps": summary["steps"],
         "batch": summary["global_batch"],
         "wall_s": extra.get("wall_s"),
-        "train_s": train_seconds(rows, args.batch),
+        "train_s": train_seconds(rows, args.batches[arm]),
         "load_end": extra.get("load_end"),
         "final_loss": summary["final_loss"],
         "metrics": {k: v for k, v in summary["eval"].items() if isinstance(v, float)},
@@ -382,13 +401,16 @@ def main(argv: list[str] | None = None) -> int:
         common.append("train.threads=1")
     recipes = {}
     for arm, overrides in arms.items():  # every arm's recipe is valid before anything runs
+        recipe, rest = arm_recipe([*common, *overrides])
         try:
-            recipes[arm] = load_recipe(RECIPE, [*common, *overrides])
+            if not recipe.is_file():
+                raise RecipeError(f"recipe={recipe}: file not found")
+            recipes[arm] = load_recipe(recipe, rest)
         except RecipeError as e:
             print(f"learning_study: arm {arm!r}: {e}", file=sys.stderr)
             return 2
     base = recipes[reference]
-    args.batch = base.data.batch_size
+    args.batches = {arm: r.data.batch_size for arm, r in recipes.items()}
     steps = args.steps or base.train.steps
     warmup = round(base.train.warmup * steps / base.train.steps)
     args.out.mkdir(parents=True, exist_ok=True)

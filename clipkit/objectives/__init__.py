@@ -1,4 +1,5 @@
-"""Auxiliary training objectives added to the contrastive loss (clipkit/step.py `Objective`), built from a recipe.
+"""Auxiliary training objectives added to the contrastive loss (clipkit/step.py `Objective`), built from a recipe:
+SLIP's image self-supervision (train.slip) and CoCa's captioning loss (train.caption_weight).
 
 An objective with trainable parameters of its own (a head) exposes them as `head`: the training loop puts them in
 the optimizer beside the model's, prepares the head with Accelerate beside the model (DDP syncs it, checkpoints
@@ -15,14 +16,19 @@ from clipkit.objectives.slip import SlipHead, SlipObjective, nt_xent, nt_xent_ro
 __all__ = ["SlipHead", "SlipObjective", "build_objectives", "nt_xent", "nt_xent_rows"]
 
 
-def build_objectives(train: TrainCfg, embed_dim: int) -> list:
-    """The recipe's auxiliary objectives (train.slip), each with its head built (on the CPU, from torch's RNG).
+def build_objectives(train: TrainCfg, embed_dim: int, tokenizer=None) -> list:
+    """The recipe's auxiliary objectives, in the order their losses are added; heads built on the CPU from torch's RNG.
 
     Args:
         train: the recipe's train section.
         embed_dim: the width of the image tower's output (the model's embed_dim).
+        tokenizer: the model's tokenizer (its pad id: padding is not a caption target).
     """
     objectives = []
+    if train.caption_weight:
+        from clipkit.objectives.caption import CaptionObjective, pad_token_id
+
+        objectives.append(CaptionObjective(train.caption_weight, pad_token_id(tokenizer)))
     s = train.slip
     if s.weight > 0:
         head = SlipHead(embed_dim, s.head_hidden, s.head_out)
