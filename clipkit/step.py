@@ -77,8 +77,8 @@ class Objective(Protocol):
 def _forward(model: torch.nn.Module, images: torch.Tensor, texts: torch.Tensor):
     """(image_features [n, D], text_features [n, D], logit_scale, logit_bias or None, output dict), normalized.
 
-    The output dict holds those four under open_clip's names plus whatever else a dict-returning model gives (CoCa:
-    `logits`, `labels`); it is what objectives see.
+    The output dict holds those four under open_clip's names plus whatever else a dict-returning model gives (CoCa in
+    training: `labels`, `caption_states`, `caption_projection`; clipkit/models/coca.py); it is what objectives see.
     """
     out = model(image=images, text=texts)
     if not isinstance(out, dict):
