@@ -131,7 +131,7 @@ def fit(
         stop = stopper.update(step, metrics, module)
         record({"step": step, **{f"val/{k}": v for k, v in metrics.items()}, "best_step": stopper.best_step})
         if stopper.bad_evals:
-            note = f", {stopper.bad_evals}/{cfg.patience} without improvement"
+            note = f", {stopper.bad_evals}" + (f"/{cfg.patience}" if cfg.patience else "") + " without improvement"
         elif step < cfg.early_stop_from and stopper.best_step != step:
             note = f", patience counts from step {cfg.early_stop_from}"
         else:
