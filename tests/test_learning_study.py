@@ -8,7 +8,18 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import TINY_MODEL
-from tools.learning_study import ARMS, BEGIN, END, arm_recipe, doc_block, fill_doc, main, parse_arm, plan_steps
+from tools.learning_study import (
+    ARMS,
+    BEGIN,
+    END,
+    arm_recipe,
+    doc_block,
+    fill_doc,
+    fixed_steps,
+    main,
+    parse_arm,
+    plan_steps,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -29,6 +40,13 @@ def test_equal_time_steps_scale_with_samples_per_second():
     plan = plan_steps({"baseline": 400.0, "slow": 300.0, "fast": 410.0}, "baseline", 800, 80)
     assert plan == {"baseline": {"steps": 800, "warmup": 80}, "slow": {"steps": 600, "warmup": 60},
                     "fast": {"steps": 820, "warmup": 82}}  # fmt: skip
+
+
+def test_an_arm_that_sets_its_steps_keeps_them():
+    plan = plan_steps({"baseline": 400.0, "slip": 300.0}, "baseline", 800, 80)
+    arms = {"baseline": [], "slip": ["train.slip.weight=1", "train.steps=352"]}
+    assert fixed_steps(plan, arms, 800, 80) == {"baseline": {"steps": 800, "warmup": 80},
+                                                "slip": {"steps": 352, "warmup": 35, "fixed": True}}  # fmt: skip
 
 
 def test_every_built_in_arm_is_a_valid_quickstart_recipe():

@@ -18,7 +18,9 @@ templates.txt; json `label`), Fashion-MNIST zero-shot on the official test split
 
 Equal wall time (`--throughput`): first each arm trains `--throughput-warmup` + `--throughput-steps` steps, the arms
 one after another, in `--throughput-rounds` rounds (2; so a change of machine load falls on every arm); an arm's
-samples/s is the mean of its rounds over the steps after the warm-up. Each arm then trains
+samples/s is the best of its rounds over the steps after the warm-up (other jobs on the machine only ever slow a
+round down, so the fastest round is the closest to the arm's own rate; a mean let one loaded round of the reference
+hand every other arm 40% more steps). Each arm then trains
 steps = round(reference steps * arm samples/s / reference arm samples/s) (the reference arm is `baseline`, else
 the first; reference steps the recipe's 800), with the LR warmup scaled alike, so every arm gets the reference's
 training time. Without `--throughput` every arm trains the recipe's steps; `--throughput-only` measures the rates,
@@ -161,6 +163,17 @@ def plan_steps(rates: dict[str, float], reference: str, steps: int, warmup: int)
     return plan
 
 
+def fixed_steps(plan: dict[str, dict], arms: dict[str, list[str]], steps: int, warmup: int) -> dict[str, dict]:
+    """Arms whose overrides set `train.steps=N` train N steps (the LR warmup scaled alike), whatever the plan says."""
+    plan = dict(plan)
+    for arm, overrides in arms.items():
+        for o in overrides:
+            if o.startswith("train.steps="):
+                n = int(o.split("=", 1)[1])
+                plan[arm] = {"steps": n, "warmup": min(n - 1, round(warmup * n / steps)), "fixed": True}
+    return plan
+
+
 def mean_std(values: list[float]) -> dict:
     return {"mean": statistics.mean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0}
 
@@ -274,7 +287,7 @@ def measure_throughput(args, arms: dict[str, list[str]], common: list[str], out:
             seconds = train_seconds(rows, args.batches[arm], after=args.throughput_warmup)
             done["rounds"].append({"samples_per_s": args.throughput_steps * args.batches[arm] / seconds,
                                    "load": list(os.getloadavg())})  # fmt: skip
-            done["samples_per_s"] = statistics.mean(r["samples_per_s"] for r in done["rounds"])
+            done["samples_per_s"] = max(r["samples_per_s"] for r in done["rounds"])
             shutil.rmtree(run_dir, ignore_errors=True)
             write_json_atomic(path, result, sort_keys=False)
             print(f"throughput {arm} round {rnd}: {done['rounds'][-1]['samples_per_s']:.1f} samples/s", flush=True)
@@ -294,6 +307,8 @@ def run_one(args, arm: str, seed: int, overrides: list[str], plan: dict, common:
     """Trains and evaluates one (arm, seed) unless its summary.json is there; returns its record."""
     run_dir = args.out / f"{arm}-s{seed}"
     summary = finished(run_dir)
+    if summary is not None and summary.get("steps") != plan["steps"]:
+        summary = None  # planned for other steps (e.g. rates measured again): its results answer another question
     if summary is None:
         shutil.rmtree(run_dir, ignore_errors=True)  # a run killed before its end restarts from scratch: honest times
         extra = [f"train.steps={plan['steps']}", f"train.warmup={plan['warmup']}"]
@@ -366,7 +381,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--throughput-only", action="store_true", help="measure the rates, print the step plan, stop")
     p.add_argument("--throughput-steps", type=int, default=30, help="measured steps per arm and round")
     p.add_argument("--throughput-warmup", type=int, default=10, help="steps before the measured ones")
-    p.add_argument("--throughput-rounds", type=int, default=2, help="rounds over all arms (a rate: their mean)")
+    p.add_argument("--throughput-rounds", type=int, default=2, help="rounds over all arms (a rate: their best)")
     p.add_argument("--reference", help="the arm whose steps are the recipe's (default: baseline, else the first)")
     p.add_argument("--steps", type=int, help="the reference arm's steps (default: the recipe's train.steps)")
     p.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS), help="evaluations at the end")
@@ -421,6 +436,7 @@ def main(argv: list[str] | None = None) -> int:
         plan = plan_steps(rates, reference, steps, warmup)
     else:
         rates, plan = {}, {arm: {"steps": steps, "warmup": warmup} for arm in arms}
+    plan = fixed_steps(plan, arms, steps, warmup)
     if args.throughput_only:
         for arm in arms:
             print(f"{arm}: {rates[arm]:.1f} samples/s -> {plan[arm]['steps']} steps (warmup {plan[arm]['warmup']})")
