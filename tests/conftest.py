@@ -48,3 +48,14 @@ def quickstart_data(tmp_path_factory):
     for name in ("emoji", "fashion-mnist"):
         build(name, root / name)
     return root
+
+
+def train_until_preempted(recipe, run, step: int, monkeypatch) -> None:
+    """`clipkit train RECIPE --out RUN` with a SIGTERM during `step`: it checkpoints and exits 75 (resumable)."""
+    from clipkit import faults
+    from clipkit.cli import main
+    from clipkit.stopping import EXIT_PREEMPTED
+
+    monkeypatch.setitem(faults._FAULTS, "sigterm", {step})
+    assert main(["train", str(recipe), "--out", str(run)]) == EXIT_PREEMPTED
+    monkeypatch.setitem(faults._FAULTS, "sigterm", set())

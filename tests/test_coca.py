@@ -14,7 +14,6 @@ import torch.multiprocessing as mp
 import yaml
 from PIL import Image
 
-from clipkit import faults
 from clipkit.cli import main
 from clipkit.config import ModelCfg, RecipeError, load_recipe
 from clipkit.loss import ContrastiveLoss
@@ -24,10 +23,9 @@ from clipkit.models.generate import beam_search, decode, generate, sample, speci
 from clipkit.objectives.caption import CaptionObjective
 from clipkit.resume import ResumeError
 from clipkit.step import MicroBatch, forward_backward
-from clipkit.stopping import EXIT_PREEMPTED
 from clipkit.train import preflight
 from tests.coca_workers import TINY_COCA, batch, coca, grads, two_process_worker
-from tests.conftest import TINY_MODEL
+from tests.conftest import TINY_MODEL, train_until_preempted
 from tests.test_distributed import free_port
 from tests.test_resilience import assert_bitwise_equal, weights
 
@@ -260,9 +258,7 @@ def test_train_logs_the_caption_loss_and_exports_an_open_clip_coca(coca_run):
 def test_resume_is_bitwise_and_refuses_a_changed_caption_weight(coca_run, tmp_path, monkeypatch):
     recipe, straight = coca_run
     run = tmp_path / "stopped"
-    monkeypatch.setitem(faults._FAULTS, "sigterm", {4})
-    assert main(["train", str(recipe), "--out", str(run)]) == EXIT_PREEMPTED
-    monkeypatch.setitem(faults._FAULTS, "sigterm", set())
+    train_until_preempted(recipe, run, 4, monkeypatch)
     with pytest.raises(ResumeError, match=r"train.caption_weight: 2.0 in recipe.yaml -> 1.0 now"):
         from clipkit.train import train
 

@@ -17,16 +17,14 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from clipkit import faults
 from clipkit.cli import main
 from clipkit.config import RecipeError, load_recipe
 from clipkit.data.views import SimCLRViews
 from clipkit.loss import ContrastiveLoss
 from clipkit.objectives import SlipObjective, nt_xent
 from clipkit.step import MicroBatch, forward_backward
-from clipkit.stopping import EXIT_PREEMPTED
 from tests import dist_workers
-from tests.conftest import TINY_MODEL
+from tests.conftest import TINY_MODEL, train_until_preempted
 from tests.test_distributed import spawn
 
 QUICKSTART = Path(__file__).resolve().parents[1] / "recipes" / "quickstart.yaml"
@@ -194,9 +192,7 @@ def test_preempted_and_resumed_equals_uninterrupted(tmp_path, straight_run, monk
     """Stopped after step 2 and resumed: model, head and every loss row bitwise those of the straight run."""
     recipe, straight = straight_run
     run = tmp_path / "run"
-    monkeypatch.setitem(faults._FAULTS, "sigterm", {2})
-    assert main(["train", str(recipe), "--out", str(run)]) == EXIT_PREEMPTED
-    monkeypatch.setitem(faults._FAULTS, "sigterm", set())
+    train_until_preempted(recipe, run, 2, monkeypatch)
     assert main(["train", str(recipe), "--out", str(run), "--resume", "latest"]) == 0
     for f in ("model/open_clip_model.safetensors", "checkpoints/step-00000004/state/model_1.safetensors"):
         a, b = load_file(str(run / f)), load_file(str(straight / f))
