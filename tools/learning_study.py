@@ -175,12 +175,16 @@ def fixed_steps(plan: dict[str, dict], arms: dict[str, list[str]], steps: int, w
 
 
 def mean_std(values: list[float]) -> dict:
-    return {"mean": statistics.mean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0}
+    return {"mean": statistics.mean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+            "n": len(values)}  # fmt: skip
 
 
 def cell(stat: dict | None, digits: int = 3) -> str:
+    """ "mean ± std", or the value alone when one run gave it (a 0 spread would claim a certainty no one measured)."""
     if stat is None:
         return "–"
+    if stat.get("n") == 1:
+        return f"{stat['mean']:.{digits}f}"
     return f"{stat['mean']:.{digits}f} ± {stat['std']:.{digits}f}"
 
 
@@ -192,7 +196,7 @@ def table(study: dict) -> str:
         overrides = "<br>".join(f"`{o}`" for o in a["overrides"]) or "(quickstart)"
         rate = a.get("samples_per_s") or a["summary"]["samples_per_s"]["mean"]  # the throughput phase's, else the runs'
         train_min = a["summary"].get("train_s")
-        train_min = {k: v / 60 for k, v in train_min.items()} if train_min else None
+        train_min = {k: v / 60 if k != "n" else v for k, v in train_min.items()} if train_min else None
         row = [arm, overrides, str(a["summary"]["seeds"]), str(a["steps"]), f"{rate:.0f}" if rate else "–",
                cell(train_min, 1), *(cell(a["summary"].get(key)) for key, _ in SHOWN)]  # fmt: skip
         lines.append("| " + " | ".join(row) + " |")
@@ -212,7 +216,12 @@ def doc_block(study: dict, image: str | None = None) -> str:
     threads = "1 torch thread per run" if study["jobs"] > 1 else "the default thread policy"
     return (
         f"Measured {study['date']} on {study['machine']}: {budget}; {study['jobs']} run(s) at once, {threads}. "
-        f"Mean ± std over seeds {', '.join(map(str, study['seeds']))}; raw figures in docs/bench/learning.json.\n\n"
+        + (
+            f"Mean ± std over seeds {', '.join(map(str, study['seeds']))}"
+            if len(study["seeds"]) > 1
+            else f"One run per arm (seed {study['seeds'][0]}): no seed spread measured"
+        )
+        + "; raw figures in docs/bench/learning.json.\n\n"
         + table(study)
         + (f"\n![Each metric per arm: a bar at the mean, a dot per seed]({image})\n" if image else "")
         + f"\nReproduce: `{study['command']}`\n"
