@@ -116,7 +116,7 @@ class Run:
         batches: (batch, (epoch, consumed)) pairs from the run's data position on (`positioned_batches`).
         progress: the step and data position reached, saved in checkpoints.
         counts: this process's data counts (unusable samples by reason and shard, usable samples).
-        objectives: auxiliary losses added to the contrastive loss (train.slip).
+        objectives: auxiliary losses added to the contrastive loss (train.slip, train.caption_weight).
         heads: the objectives' trainable heads (prepared, in the optimizer and checkpoints, not in model folders).
     """
 
