@@ -3,8 +3,8 @@
     python tools/learning_study.py --throughput --seeds 0 1 2 --data data --out runs/learning-study
 
 An arm is a name and recipe overrides, `NAME=key=value,key=value` (commas inside [...] or {...} stay in the value),
-or the name of a built-in arm (ARMS: baseline, multi-positive, augment, keywords, all-lines, coca), so a new objective
-slots in without code: `--arms baseline slip=train.slip.weight=1.0`. An arm may train another recipe than the
+or the name of a built-in arm (ARMS: baseline, multi-positive, augment, keywords, all-lines, slip, coca), so a new
+setting slots in without code: `--arms baseline lr=train.lr=1e-3`. An arm may train another recipe than the
 quickstart with the pseudo-override `recipe=PATH` (relative to the repository): the built-in `coca` arm is
 `recipe=recipes/quickstart-coca.yaml` (the quickstart with a CoCa captioning decoder). Every run is (with the
 arm's recipe file in place of the quickstart's)
@@ -69,6 +69,7 @@ ARMS = {  # name -> recipe overrides; what main offers today
     ],
     "keywords": ["data.caption=keywords"],
     "all-lines": ["data.caption=all"],
+    "slip": ["train.slip.weight=1"],  # SimCLR on two views of every image, beside the contrastive loss
     "coca": ["recipe=recipes/quickstart-coca.yaml"],  # the same data, towers and evals, plus a captioning decoder
 }
 RECIPE_OVERRIDE = "recipe="  # an arm's pseudo-override naming the recipe file it trains
