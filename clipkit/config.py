@@ -351,6 +351,10 @@ class FinetuneCfg:
         flip: in "ce" and "flyp", flip each training image horizontally with probability 1/2.
         crop_pad: in "ce" and "flyp", pad each training image by this many pixels (edge pixels repeated) and crop it
             back at a random offset: shifts of up to `crop_pad` px at the model's input size (0 = off).
+        label_smoothing: in "ce", the cross-entropy target puts this much mass uniformly on all classes (0 = off).
+        ema: decay of an exponential moving average of the trained weights, updated after every step (0 = off; e.g.
+            0.999 averages over about the last 1000 steps). Validation, early stopping, the restored weights and the
+            WiSE-FT mixes then use the averaged weights.
         eval_every: steps between validation evaluations (early stopping decides at each).
         patience: evaluations without an improvement larger than `min_delta` before stopping (0 = never stop early).
         min_delta: the smallest change of the monitored metric that counts as an improvement.
@@ -384,6 +388,8 @@ class FinetuneCfg:
     grad_clip: float = 1.0
     flip: bool = False
     crop_pad: int = 0
+    label_smoothing: float = 0.0
+    ema: float = 0.0
     eval_every: int = 100
     patience: int = 5
     min_delta: float = 0.0
@@ -808,6 +814,11 @@ def validate_finetune(f: FinetuneCfg) -> None:
     for key in ("flip", "crop_pad"):
         need(f.mode != "linear" or not getattr(f, key), key, getattr(f, key),
              "augments the training images of 'ce' and 'flyp'; 'linear' fits frozen features once")  # fmt: skip
+    need(0 <= f.label_smoothing < 1, "label_smoothing", f.label_smoothing, "must be in [0, 1)")
+    need(f.mode == "ce" or not f.label_smoothing, "label_smoothing", f.label_smoothing,
+         f"smooths the cross-entropy of 'ce'; finetune.mode={f.mode!r} has none")  # fmt: skip
+    need(0 <= f.ema < 1, "ema", f.ema, "must be in [0, 1) (0 = off)")
+    need(f.mode != "linear" or not f.ema, "ema", f.ema, "averages training steps; 'linear' takes none")
     need(f.eval_every >= 1, "eval_every", f.eval_every, "must be >= 1")
     need(f.patience >= 0, "patience", f.patience, "must be >= 0 (0 = never stop early)")
     need(f.min_delta >= 0, "min_delta", f.min_delta, "must be >= 0")

@@ -163,13 +163,62 @@ def test_augmentation_refused_for_linear(digits_dir, tiny_folder, tmp_path):
         load_finetune_recipe(_recipe(tmp_path, digits_dir, tiny_folder, mode="linear", flip=True))
 
 
+@pytest.mark.parametrize(
+    ("mode", "key", "value"), [("flyp", "label_smoothing", 0.1), ("ce", "label_smoothing", 1.0), ("linear", "ema", 0.9),
+                               ("ce", "ema", 1.0)],
+)  # fmt: skip
+def test_smoothing_and_average_refused_where_they_mean_nothing(mode, key, value, digits_dir, tiny_folder, tmp_path):
+    with pytest.raises(Exception, match=f"finetune.{key}"):
+        load_finetune_recipe(_recipe(tmp_path, digits_dir, tiny_folder, mode=mode, **{key: value}))
+
+
+def test_weight_average_by_hand():
+    from clipkit.finetune.ema import WeightAverage
+
+    p = torch.nn.Parameter(torch.tensor([1.0, -2.0]))
+    average = WeightAverage([p], decay=0.5)
+    for value in ([3.0, 2.0], [5.0, 0.0]):
+        with torch.no_grad():
+            p.copy_(torch.tensor(value))
+        average.update()
+    # avg = 0.5 * (0.5 * [1, -2] + 0.5 * [3, 2]) + 0.5 * [5, 0] = [3.5, 0]
+    with average.swapped_in():
+        assert torch.equal(p.detach(), torch.tensor([3.5, 0.0]))
+    assert torch.equal(p.detach(), torch.tensor([5.0, 0.0]))  # the trained weights are back
+
+
+def test_label_smoothing_loss_by_hand(tiny_folder):
+    from clipkit.finetune.modes import CrossEntropyMode
+    from clipkit.models import load_model
+
+    bundle = load_model(tiny_folder)
+    head = torch.nn.Linear(bundle.model.visual.output_dim, 3)
+    mode = CrossEntropyMode(bundle.model, head, label_smoothing=0.2)
+    images, labels = torch.randn(4, 3, 16, 16, generator=torch.Generator().manual_seed(0)), torch.tensor([0, 2, 1, 2])
+    logp = torch.log_softmax(mode.module(images), dim=1)  # [4, 3]
+    # (1 - e) * NLL of the label + e * the mean NLL over all 3 classes, averaged over the batch
+    want = (0.8 * -logp[torch.arange(4), labels] + 0.2 * -logp.mean(dim=1)).mean()
+    torch.testing.assert_close(mode.loss(images, labels, torch.Generator()), want)
+
+
 # ---------------------------------------------------------------------------------------- end to end
 
 
-def test_early_stopping_restores_best_step_bitwise(digits_dir, tiny_folder, tmp_path):
+@pytest.mark.parametrize("ema", [0.0, 0.5])
+def test_early_stopping_restores_best_step_bitwise(ema, digits_dir, tiny_folder, tmp_path):
+    """With `ema`, what validation saw at the best step (the moving average) is what is restored."""
     recipe = load_finetune_recipe(
         _recipe(
-            tmp_path, digits_dir, tiny_folder, steps=12, eval_every=1, patience=3, lr=3e-2, warmup=1, wise_alphas=[]
+            tmp_path,
+            digits_dir,
+            tiny_folder,
+            steps=12,
+            eval_every=1,
+            patience=3,
+            lr=3e-2,
+            warmup=1,
+            wise_alphas=[],
+            ema=ema,
         )  # fmt: skip
     )
     snapshots = {}

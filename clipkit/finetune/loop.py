@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 from clipkit.config import FinetuneCfg
 from clipkit.finetune.data import LabeledImages, Pixels
 from clipkit.finetune.early_stop import EarlyStopping
+from clipkit.finetune.ema import WeightAverage
 from clipkit.finetune.head import ImageClassifier
 from clipkit.optim import make_optimizer, make_scheduler
 
@@ -100,7 +101,7 @@ def fit(
 
     Validation runs before the first step (the starting weights can win), every `cfg.eval_every` steps and after the
     last one. Early stopping (`cfg.patience`, `cfg.min_delta`, `cfg.monitor`, from `cfg.early_stop_from`) may end the
-    run sooner.
+    run sooner. With `cfg.ema`, validation sees the moving average of the weights, and the average is what is kept.
 
     Args:
         mode: a `clipkit.finetune.modes` mode that trains.
@@ -125,8 +126,15 @@ def fit(
     scheduler = make_scheduler(optimizer, cfg.steps, cfg.warmup, cfg.lr, 0.0)
     params = [p for p in module.parameters() if p.requires_grad]
     stopper = EarlyStopping(cfg.monitor, cfg.patience, cfg.min_delta, cfg.early_stop_from)
+    average = WeightAverage(params, cfg.ema) if cfg.ema else None
 
     def evaluate(step: int) -> bool:
+        if average is None:
+            return validate(step)
+        with average.swapped_in():  # the best snapshot (and `on_eval`) see the averaged weights
+            return validate(step)
+
+    def validate(step: int) -> bool:
         metrics = scores(predict_logits(mode.classifier(), val, pixels, cfg.eval_batch_size, device), val.labels)
         stop = stopper.update(step, metrics, module)
         record({"step": step, **{f"val/{k}": v for k, v in metrics.items()}, "best_step": stopper.best_step})
@@ -165,6 +173,8 @@ def fit(
             optimizer.step()
             scheduler.step()
             mode.after_step()
+            if average is not None:
+                average.update()
             step += 1
             seen += len(rows)
             bar.update(1)

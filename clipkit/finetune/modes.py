@@ -34,17 +34,20 @@ class CrossEntropyMode:
         model: the dual encoder (its text tower is frozen here).
         head: the zero-shot head (`zeroshot_head`).
         train_head: whether the head trains too (False: the saved model folder alone is the classifier).
+        label_smoothing: mass of the cross-entropy target spread uniformly over all classes.
     """
 
     trains = True
 
-    def __init__(self, model: torch.nn.Module, head: torch.nn.Linear, train_head: bool = True):
-        self.module = ImageClassifier(model, head)
+    def __init__(
+        self, model: torch.nn.Module, head: torch.nn.Linear, train_head: bool = True, label_smoothing: float = 0.0
+    ):
+        self.module, self.label_smoothing = ImageClassifier(model, head), label_smoothing
         for name, p in self.module.named_parameters():
             p.requires_grad_(name.startswith("model.visual.") or (train_head and name.startswith("head.")))
 
     def loss(self, images: torch.Tensor, labels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        return F.cross_entropy(self.module(images), labels)
+        return F.cross_entropy(self.module(images), labels, label_smoothing=self.label_smoothing)
 
     def after_step(self) -> None:
         pass

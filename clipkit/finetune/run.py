@@ -104,7 +104,7 @@ def _finetune(recipe: Recipe, out_dir: str | Path, on_eval=None) -> dict:
         if tracker is not None:
             tracker.log(row, step=row["step"])
 
-    mode = _make_mode(f.mode, f.train_head, bundle, d, device)
+    mode = _make_mode(f, bundle, d, device)
     zeroshot_state = {k: v.detach().clone() for k, v in mode.module.state_dict().items()}
     result = _train(mode, bundle.model, d, pixels, f, recipe.seed, device, record, on_eval)
     finetuned_state = {k: v.detach().clone() for k, v in mode.module.state_dict().items()}
@@ -143,12 +143,14 @@ def _finetune(recipe: Recipe, out_dir: str | Path, on_eval=None) -> dict:
     return summary
 
 
-def _make_mode(name: str, train_head: bool, bundle, d: dict, device):
-    """The `clipkit.finetune.modes` mode `name`, its head built from the class names x templates of `d`."""
-    if name == "flyp":
+def _make_mode(f: FinetuneCfg, bundle, d: dict, device):
+    """The `clipkit.finetune.modes` mode `f.mode`, its head built from the class names x templates of `d`."""
+    if f.mode == "flyp":
         return FlypMode(bundle.model, bundle.tokenizer, d["classnames"], d["templates"], device)
     head = zeroshot_head(bundle.model, bundle.tokenizer, d["classnames"], d["templates"], device)
-    return CrossEntropyMode(bundle.model, head, train_head) if name == "ce" else LinearMode(bundle.model, head)
+    if f.mode == "ce":
+        return CrossEntropyMode(bundle.model, head, f.train_head, f.label_smoothing)
+    return LinearMode(bundle.model, head)
 
 
 def _train(mode, model, d: dict, pixels: fdata.Pixels, f: FinetuneCfg, seed: int, device, record, on_eval) -> dict:
