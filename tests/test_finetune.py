@@ -156,6 +156,10 @@ def test_early_stopping_counts_patience_from_its_start_step():
     assert stops["plain"][0] == 200  # two evaluations below step 0's 0.8: stops inside the dip
     assert stops["late"][0] == 600  # the dip does not count; 500 and 600 fall short of step 400's 0.85
     assert late.best_step == 400 and late.best_value == 0.85
+    assert late.status(600) == "best accuracy 0.8500 at step 400, 2/2 without improvement"
+    dip = EarlyStopping("accuracy", patience=2, start=300)
+    dip.update(0, {"accuracy": 0.8}, module), dip.update(100, {"accuracy": 0.7}, module)
+    assert dip.status(100) == "best accuracy 0.8000 at step 0, patience counts from step 300"
 
 
 def test_augmentation_refused_for_linear(digits_dir, tiny_folder, tmp_path):

@@ -41,6 +41,18 @@ class EarlyStopping:
             self.bad_evals += 1
         return self.patience > 0 and self.bad_evals >= self.patience
 
+    def status(self, step: int) -> str:
+        """The log's account after the evaluation at `step`, e.g. "best accuracy 0.8817 at step 2000, 1/5 without
+        improvement" or "..., patience counts from step 2000"."""
+        note = f"best {self.monitor} {self.best_value:.4f} at step {self.best_step}"
+        if self.bad_evals:
+            return (
+                note + f", {self.bad_evals}" + (f"/{self.patience}" if self.patience else "") + " without improvement"
+            )
+        if step < self.start and self.best_step != step:
+            return note + f", patience counts from step {self.start}"
+        return note
+
     @property
     def best_value(self) -> float:
         """The best metric value seen, in its own sign."""

@@ -138,16 +138,9 @@ def fit(
         metrics = scores(predict_logits(mode.classifier(), val, pixels, cfg.eval_batch_size, device), val.labels)
         stop = stopper.update(step, metrics, module)
         record({"step": step, **{f"val/{k}": v for k, v in metrics.items()}, "best_step": stopper.best_step})
-        if stopper.bad_evals:
-            note = f", {stopper.bad_evals}" + (f"/{cfg.patience}" if cfg.patience else "") + " without improvement"
-        elif step < cfg.early_stop_from and stopper.best_step != step:
-            note = f", patience counts from step {cfg.early_stop_from}"
-        else:
-            note = ""
         log.info(
-            "step %d: val accuracy %.4f macro-F1 %.4f loss %.4f (best %s %.4f at step %d%s)",
-            step, metrics["accuracy"], metrics["macro_f1"], metrics["loss"], cfg.monitor, stopper.best_value,
-            stopper.best_step, note,
+            "step %d: val accuracy %.4f macro-F1 %.4f loss %.4f (%s)",
+            step, metrics["accuracy"], metrics["macro_f1"], metrics["loss"], stopper.status(step),
         )  # fmt: skip
         if on_eval is not None:
             on_eval(step, metrics, module)
