@@ -351,6 +351,8 @@ class FinetuneCfg:
         flip: in "ce" and "flyp", flip each training image horizontally with probability 1/2.
         crop_pad: in "ce" and "flyp", pad each training image by this many pixels (edge pixels repeated) and crop it
             back at a random offset: shifts of up to `crop_pad` px at the model's input size (0 = off).
+        image_size: fine-tune (and save) the model at this input size in pixels (0 = the model's own). An open_clip ViT
+            image tower only; its position embeddings are interpolated to the new patch grid (clipkit.models.resize).
         label_smoothing: in "ce", the cross-entropy target puts this much mass uniformly on all classes (0 = off).
         ema: decay of an exponential moving average of the trained weights, updated after every step (0 = off; e.g.
             0.999 averages over about the last 1000 steps). Validation, early stopping, the restored weights and the
@@ -388,6 +390,7 @@ class FinetuneCfg:
     grad_clip: float = 1.0
     flip: bool = False
     crop_pad: int = 0
+    image_size: int = 0
     label_smoothing: float = 0.0
     ema: float = 0.0
     eval_every: int = 100
@@ -814,6 +817,7 @@ def validate_finetune(f: FinetuneCfg) -> None:
     for key in ("flip", "crop_pad"):
         need(f.mode != "linear" or not getattr(f, key), key, getattr(f, key),
              "augments the training images of 'ce' and 'flyp'; 'linear' fits frozen features once")  # fmt: skip
+    need(f.image_size >= 0, "image_size", f.image_size, "must be >= 0 (0 = the model's own)")
     need(0 <= f.label_smoothing < 1, "label_smoothing", f.label_smoothing, "must be in [0, 1)")
     need(f.mode == "ce" or not f.label_smoothing, "label_smoothing", f.label_smoothing,
          f"smooths the cross-entropy of 'ce'; finetune.mode={f.mode!r} has none")  # fmt: skip

@@ -244,9 +244,10 @@ def test_early_stopping_restores_best_step_bitwise(ema, digits_dir, tiny_folder,
     assert any(not torch.equal(last[k], snapshots[best][k]) for k in last)
 
 
-@pytest.mark.parametrize("mode", ["ce", "flyp", "linear"])
-def test_mode_through_cli_writes_loadable_model(mode, digits_dir, tiny_folder, tmp_path):
-    extra = {"train_head": False} if mode == "ce" else {}
+@pytest.mark.parametrize(("mode", "image_size"), [("ce", 0), ("flyp", 0), ("linear", 0), ("ce", 24)])
+def test_mode_through_cli_writes_loadable_model(mode, image_size, digits_dir, tiny_folder, tmp_path):
+    """The saved folder is the classifier: open_clip loads it (at the fine-tuned size) and `clipkit eval` agrees."""
+    extra = {"train_head": False, "image_size": image_size} if mode == "ce" else {}
     rc = main(["finetune", str(_recipe(tmp_path, digits_dir, tiny_folder, mode=mode, **extra)), "--out",
                str(tmp_path / "run")])  # fmt: skip
     assert rc == 0
@@ -256,7 +257,8 @@ def test_mode_through_cli_writes_loadable_model(mode, digits_dir, tiny_folder, t
         assert (run / f).is_file() or (mode == "linear" and f == "curves.png"), f
     assert (run / "model" / HEAD_NAME).is_file() and (run / "wise" / "open_clip_model.safetensors").is_file()
     model, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{run / 'model'}")
-    assert model.visual.image_size == (16, 16)
+    side = image_size or 16
+    assert model.visual.image_size == (side, side) and preprocess.transforms[0].size == side
     out = tmp_path / "zs.json"
     assert main(["eval", "zeroshot", "--checkpoint", str(run / "model"), "--data", str(digits_dir / "test-*.tar"),
                  "--classnames", str(digits_dir / "classnames.txt"), "--templates",

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from open_clip import SIMPLE_IMAGENET_TEMPLATES
 
-from clipkit.config import FinetuneCfg, Recipe, save_recipe, to_dict
+from clipkit.config import FinetuneCfg, Recipe, RecipeError, save_recipe, to_dict
 from clipkit.evaluate.classification import write_report
 from clipkit.files import write_json_atomic
 from clipkit.finetune import data as fdata
@@ -34,6 +34,7 @@ from clipkit.finetune.plots import plot_curves, plot_wise
 from clipkit.finetune.wise import best_alpha, interpolate, sweep
 from clipkit.models import load_model
 from clipkit.models.io import save_model
+from clipkit.models.resize import with_image_size
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +93,11 @@ def _finetune(recipe: Recipe, out_dir: str | Path, on_eval=None) -> dict:
     torch.manual_seed(recipe.seed)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     bundle = load_model(Path(f.model), device)
+    if f.image_size:
+        try:
+            bundle = with_image_size(bundle, f.image_size, device)
+        except ValueError as e:
+            raise RecipeError(f"finetune.image_size: {e} ({f.model})") from None
     pixels = fdata.Pixels(bundle.eval_transform)
     d = load_data(recipe, pixels)
     log.info("finetune %s: %d train, %d val (%s), sets %s", f.mode, len(d["train"]), len(d["val"]), d["val"].source,
