@@ -19,7 +19,7 @@ Runs alternate (clipkit first in odd pairs, the reference first in even ones) in
 output folder and fresh worker processes; the machine's load average is recorded before each pair. Ratio =
 reference seconds / clipkit seconds (clipkit's samples/s over the reference's).
 
-    python -m tools.bench.bench_import --source 'data/emoji/train-*.tar' --photos /tmp/clipkit-bench/photo-files \\
+    python -m tools.bench.bench_import --source 'data/emoji/train-*.tar' --photos runs/bench/photo-files \\
         --n 1000 --resize 224 --workers 2 --pairs 3 --img2dataset-path /tmp/i2d --json docs/bench/import.json
 """
 
