@@ -20,7 +20,7 @@ output folder and fresh worker processes; the machine's load average is recorded
 reference seconds / clipkit seconds (clipkit's samples/s over the reference's).
 
     python -m tools.bench.bench_import --source 'data/emoji/train-*.tar' --photos runs/bench/photo-files \\
-        --n 1000 --resize 224 --workers 2 --pairs 3 --img2dataset-path /tmp/i2d --json docs/bench/import.json
+        --n 1000 --resize 224 --workers 2 --pairs 3 --img2dataset-path runs/i2d --json docs/bench/import.json
 """
 
 from __future__ import annotations
