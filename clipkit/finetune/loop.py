@@ -159,12 +159,7 @@ def fit(
                 stored = augment(stored, cfg.flip, cfg.crop_pad, aug_generator)
             images, labels = pixels.batch(stored, device), train.labels[rows].to(device)
             loss = mode.loss(images, labels, generator)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if cfg.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-            optimizer.step()
-            scheduler.step()
+            _optimizer_step(loss, optimizer, scheduler, params, cfg.grad_clip)
             mode.after_step()
             if average is not None:
                 average.update()
@@ -178,14 +173,7 @@ def fit(
                 seen, t_log = 0, now
             if step % cfg.eval_every == 0 or step == cfg.steps:
                 stopped = evaluate(step)
-    if stopped:
-        log.info(
-            "early stop at step %d: no val %s improvement > %g in %d evaluations; restoring step %d (%s %.4f)",
-            step, cfg.monitor, cfg.min_delta, cfg.patience, stopper.best_step, cfg.monitor, stopper.best_value,
-        )  # fmt: skip
-    else:
-        log.info("ran all %d steps; restoring the best step %d (%s %.4f)", step, stopper.best_step, cfg.monitor,
-                 stopper.best_value)  # fmt: skip
+    _log_end(stopped, step, stopper, cfg)
     stopper.restore(module)
     module.eval()
     return {
@@ -195,6 +183,28 @@ def fit(
         "stopped_early": stopped,
         "train_seconds": time.perf_counter() - t0,
     }
+
+
+def _optimizer_step(loss: torch.Tensor, optimizer, scheduler, params: list[torch.nn.Parameter], clip: float) -> None:
+    """Backward, optional global-norm clipping, the optimizer and the learning-rate schedule: one training step."""
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if clip > 0:
+        torch.nn.utils.clip_grad_norm_(params, clip)
+    optimizer.step()
+    scheduler.step()
+
+
+def _log_end(stopped: bool, step: int, stopper: EarlyStopping, cfg: FinetuneCfg) -> None:
+    """Says why training ended and which step is restored."""
+    if stopped:
+        log.info(
+            "early stop at step %d: no val %s improvement > %g in %d evaluations; restoring step %d (%s %.4f)",
+            step, cfg.monitor, cfg.min_delta, cfg.patience, stopper.best_step, cfg.monitor, stopper.best_value,
+        )  # fmt: skip
+    else:
+        log.info("ran all %d steps; restoring the best step %d (%s %.4f)", step, stopper.best_step, cfg.monitor,
+                 stopper.best_value)  # fmt: skip
 
 
 def features(model: torch.nn.Module, data: LabeledImages, pixels: Pixels, batch_size: int, device) -> np.ndarray:
