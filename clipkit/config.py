@@ -354,9 +354,14 @@ class FinetuneCfg:
         image_size: fine-tune (and save) the model at this input size in pixels (0 = the model's own). An open_clip ViT
             image tower only; its position embeddings are interpolated to the new patch grid (clipkit.models.resize).
         label_smoothing: in "ce", the cross-entropy target puts this much mass uniformly on all classes (0 = off).
+        layer_decay: layer-wise learning-rate decay in "ce" and "flyp" (1 = off): block i of a tower of L blocks trains
+            at lr * layer_decay^(L - i), its embeddings at lr * layer_decay^(L + 1), its final norm and projection and
+            the head at lr (clipkit.finetune.layer_decay). A transformer tower only.
         ema: decay of an exponential moving average of the trained weights, updated after every step (0 = off; e.g.
             0.999 averages over about the last 1000 steps). Validation, early stopping, the restored weights and the
             WiSE-FT mixes then use the averaged weights.
+        test_time_flip: score every evaluated image as the mean of its own and its mirror's logits (validation, the
+            eval sets, the WiSE-FT sweep and the reports; twice the evaluation cost). Use with `flip` training.
         eval_every: steps between validation evaluations (early stopping decides at each).
         patience: evaluations without an improvement larger than `min_delta` before stopping (0 = never stop early).
         min_delta: the smallest change of the monitored metric that counts as an improvement.
@@ -392,7 +397,9 @@ class FinetuneCfg:
     crop_pad: int = 0
     image_size: int = 0
     label_smoothing: float = 0.0
+    layer_decay: float = 1.0
     ema: float = 0.0
+    test_time_flip: bool = False
     eval_every: int = 100
     patience: int = 5
     min_delta: float = 0.0
@@ -821,6 +828,9 @@ def validate_finetune(f: FinetuneCfg) -> None:
     need(0 <= f.label_smoothing < 1, "label_smoothing", f.label_smoothing, "must be in [0, 1)")
     need(f.mode == "ce" or not f.label_smoothing, "label_smoothing", f.label_smoothing,
          f"smooths the cross-entropy of 'ce'; finetune.mode={f.mode!r} has none")  # fmt: skip
+    need(0 < f.layer_decay <= 1, "layer_decay", f.layer_decay, "must be in (0, 1] (1 = off)")
+    need(f.mode != "linear" or f.layer_decay == 1, "layer_decay", f.layer_decay,
+         "scales the learning rates of 'ce' and 'flyp'; 'linear' takes no gradient steps")  # fmt: skip
     need(0 <= f.ema < 1, "ema", f.ema, "must be in [0, 1) (0 = off)")
     need(f.mode != "linear" or not f.ema, "ema", f.ema, "averages training steps; 'linear' takes none")
     need(f.eval_every >= 1, "eval_every", f.eval_every, "must be >= 1")

@@ -205,6 +205,82 @@ def test_label_smoothing_loss_by_hand(tiny_folder):
     torch.testing.assert_close(mode.loss(images, labels, torch.Generator()), want)
 
 
+@pytest.mark.parametrize("mode", ["ce", "flyp"])
+def test_layer_decay_rates_by_hand(mode, tiny_folder):
+    """Peak lr 1e-2, decay 0.5, towers of L = 2 blocks: embeddings at lr/8, block 0 at lr/4, block 1 at lr/2, final
+    norm, projection, head and logit scale at lr; the ratios hold through the warmup + cosine schedule."""
+    from clipkit.finetune.layer_decay import layer_decay_groups
+    from clipkit.finetune.modes import CrossEntropyMode, FlypMode
+    from clipkit.models import load_model
+    from clipkit.optim import make_optimizer, make_scheduler
+
+    bundle = load_model(tiny_folder)
+    if mode == "ce":
+        m = CrossEntropyMode(bundle.model, torch.nn.Linear(bundle.model.visual.output_dim, 3))
+    else:
+        m = FlypMode(bundle.model, bundle.tokenizer, ["a", "b"], ["a {c}"], "cpu")
+    groups = layer_decay_groups(m.module, 0.1, 0.5, m.tower_prefix)
+    optimizer = make_optimizer(m.module, 1e-2, 0.1, (0.9, 0.999), 1e-8, groups=groups)
+    lr_of = {id(p): g["lr"] for g in optimizer.param_groups for p in g["params"]}
+    decay_of = {id(p): g["weight_decay"] for g in optimizer.param_groups for p in g["params"]}
+    want = {
+        "visual.conv1.weight": 1e-2 / 8, "visual.positional_embedding": 1e-2 / 8, "visual.ln_pre.bias": 1e-2 / 8,
+        "visual.transformer.resblocks.0.attn.in_proj_weight": 1e-2 / 4,
+        "visual.transformer.resblocks.1.mlp.c_fc.weight": 1e-2 / 2, "visual.ln_post.weight": 1e-2,
+        "visual.proj": 1e-2,
+    }  # fmt: skip
+    if mode == "ce":
+        want = {f"model.{k}": v for k, v in want.items()} | {"head.weight": 1e-2}
+    else:
+        want |= {"token_embedding.weight": 1e-2 / 8, "transformer.resblocks.0.ln_1.weight": 1e-2 / 4,
+                 "text_projection": 1e-2, "logit_scale": 1e-2}  # fmt: skip
+    params = dict(m.module.named_parameters())
+    trainable = {n for n, p in params.items() if p.requires_grad}
+    assert set(want) <= trainable and {id(params[n]) for n in trainable} == set(lr_of)
+    for name, lr in want.items():
+        assert lr_of[id(params[name])] == pytest.approx(lr), name
+    # the weight-decay split is the one without layer decay: matrices decay, gains, biases and the scale do not
+    plain = make_optimizer(m.module, 1e-2, 0.1, (0.9, 0.999), 1e-8)
+    assert decay_of == {id(p): g["weight_decay"] for g in plain.param_groups for p in g["params"]}
+    scheduler = make_scheduler(optimizer, 10, 2, 1e-2, 0.0)
+    for _ in range(4):
+        optimizer.step(), scheduler.step()
+    lrs = {id(p): g["lr"] for g in optimizer.param_groups for p in g["params"]}
+    for name, lr in want.items():
+        assert lrs[id(params[name])] == pytest.approx(lr * lrs[id(params[list(want)[-1]])] / want[list(want)[-1]])
+
+
+def test_layer_decay_refused_without_transformer_blocks(digits_dir, tmp_path):
+    """A ResNet image tower has no numbered blocks: refused before any data is read (the train shards are absent)."""
+    from clipkit.config import RecipeError
+
+    cfg = {"embed_dim": 32, "vision_cfg": {"image_size": 32, "layers": [1, 1, 1, 1], "width": 8},
+           "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 2}}  # fmt: skip
+    bundle = create_model(ModelCfg(config=cfg))
+    folder = save_model(tmp_path / "rn", bundle.model, bundle.config)
+    recipe = load_finetune_recipe(_recipe(tmp_path, digits_dir, folder, layer_decay=0.7, train="absent-*.tar"))
+    with pytest.raises(RecipeError, match="finetune.layer_decay: the visual tower has no numbered transformer blocks"):
+        finetune(recipe, tmp_path / "run")
+    with pytest.raises(RecipeError, match="finetune.layer_decay"):
+        load_finetune_recipe(_recipe(tmp_path, digits_dir, folder, mode="linear", layer_decay=0.7))
+
+
+def test_test_time_flip_averages_mirror_logits(digits_dir, tiny_folder):
+    from clipkit.finetune.data import LabeledImages, Pixels, read_labeled
+    from clipkit.finetune.head import ImageClassifier
+    from clipkit.finetune.loop import predict_logits
+    from clipkit.models import load_model
+
+    bundle = load_model(tiny_folder)
+    clf = ImageClassifier(bundle.model, torch.nn.Linear(bundle.model.visual.output_dim, 10)).eval()
+    pixels = Pixels(bundle.eval_transform)
+    data = read_labeled(str(digits_dir / "test-*.tar"), pixels, 10, "test")
+    mirrored = LabeledImages(data.pixels.flip(-1), data.labels, data.keys, data.source, {})
+    plain, flipped = (predict_logits(clf, d, pixels, 64, "cpu") for d in (data, mirrored))
+    assert not torch.allclose(plain, flipped)  # the tiny model is not mirror-symmetric: the test can fail
+    torch.testing.assert_close(predict_logits(clf, data, pixels, 64, "cpu", flip=True), (plain + flipped) / 2)
+
+
 # ---------------------------------------------------------------------------------------- end to end
 
 

@@ -22,6 +22,7 @@ from clipkit.finetune.data import LabeledImages, Pixels
 from clipkit.finetune.early_stop import EarlyStopping
 from clipkit.finetune.ema import WeightAverage
 from clipkit.finetune.head import ImageClassifier
+from clipkit.finetune.layer_decay import layer_decay_groups
 from clipkit.optim import make_optimizer, make_scheduler
 
 log = logging.getLogger(__name__)
@@ -31,15 +32,22 @@ BETAS, EPS = (0.9, 0.999), 1e-8  # AdamW as in WiSE-FT and FLYP
 
 @torch.inference_mode()
 def predict_logits(
-    classifier: ImageClassifier, data: LabeledImages, pixels: Pixels, batch_size: int, device
+    classifier: ImageClassifier, data: LabeledImages, pixels: Pixels, batch_size: int, device, flip: bool = False
 ) -> torch.Tensor:
-    """[N, C] float32 logits of every image of `data` (eval mode; the previous mode is restored)."""
+    """[N, C] float32 logits of every image of `data` (eval mode; the previous mode is restored).
+
+    With `flip`, each image's logits are the mean of its own and its left-right mirror's (test-time augmentation;
+    twice the forward passes).
+    """
     was_training = classifier.training
     classifier.eval()
-    out = [
-        classifier(pixels.batch(data.pixels[i : i + batch_size], device)).float().cpu()
-        for i in range(0, len(data), batch_size)
-    ]
+    out = []
+    for i in range(0, len(data), batch_size):
+        images = pixels.batch(data.pixels[i : i + batch_size], device)  # [B, 3, S, S]
+        logits = classifier(images)
+        if flip:
+            logits = (logits + classifier(images.flip(-1))) / 2
+        out.append(logits.float().cpu())
     classifier.train(was_training)
     return torch.cat(out)
 
@@ -122,7 +130,12 @@ def fit(
     generator = torch.Generator().manual_seed(seed)
     aug_generator = torch.Generator().manual_seed(seed + 1_000_003)  # flips and shifts: a stream of their own
     module = mode.module
-    optimizer = make_optimizer(module, cfg.lr, cfg.weight_decay, BETAS, EPS)
+    groups = (
+        layer_decay_groups(module, cfg.weight_decay, cfg.layer_decay, mode.tower_prefix)
+        if cfg.layer_decay < 1
+        else None
+    )
+    optimizer = make_optimizer(module, cfg.lr, cfg.weight_decay, BETAS, EPS, groups=groups)
     scheduler = make_scheduler(optimizer, cfg.steps, cfg.warmup, cfg.lr, 0.0)
     params = [p for p in module.parameters() if p.requires_grad]
     stopper = EarlyStopping(cfg.monitor, cfg.patience, cfg.min_delta, cfg.early_stop_from)
@@ -135,7 +148,9 @@ def fit(
             return validate(step)
 
     def validate(step: int) -> bool:
-        metrics = scores(predict_logits(mode.classifier(), val, pixels, cfg.eval_batch_size, device), val.labels)
+        metrics = scores(
+            predict_logits(mode.classifier(), val, pixels, cfg.eval_batch_size, device, cfg.test_time_flip), val.labels
+        )
         stop = stopper.update(step, metrics, module)
         record({"step": step, **{f"val/{k}": v for k, v in metrics.items()}, "best_step": stopper.best_step})
         log.info(
@@ -168,7 +183,7 @@ def fit(
             bar.update(1)
             if step % cfg.log_every == 0:
                 now = time.perf_counter()
-                record({"step": step, "loss": float(loss.detach()), "lr": scheduler.get_last_lr()[0],
+                record({"step": step, "loss": float(loss.detach()), "lr": max(scheduler.get_last_lr()),
                         "samples_per_s": seen / max(now - t_log, 1e-9)})  # fmt: skip
                 seen, t_log = 0, now
             if step % cfg.eval_every == 0 or step == cfg.steps:

@@ -38,6 +38,7 @@ class CrossEntropyMode:
     """
 
     trains = True
+    tower_prefix = "model."  # where the dual encoder's names start in `module` (layer-wise decay reads them)
 
     def __init__(
         self, model: torch.nn.Module, head: torch.nn.Linear, train_head: bool = True, label_smoothing: float = 0.0
@@ -68,6 +69,7 @@ class FlypMode:
     """
 
     trains = True
+    tower_prefix = ""
 
     def __init__(self, model: torch.nn.Module, tokenizer: Callable, classnames: Sequence[str], templates, device):
         self.module, self.tokenizer = model, tokenizer

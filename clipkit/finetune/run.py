@@ -28,6 +28,7 @@ from clipkit.evaluate.classification import write_report
 from clipkit.files import write_json_atomic
 from clipkit.finetune import data as fdata
 from clipkit.finetune.head import save_head, zeroshot_head
+from clipkit.finetune.layer_decay import layer_ids
 from clipkit.finetune.loop import features, fit, predict_logits, scores
 from clipkit.finetune.modes import CrossEntropyMode, FlypMode, LinearMode
 from clipkit.finetune.plots import plot_curves, plot_wise
@@ -98,6 +99,12 @@ def _finetune(recipe: Recipe, out_dir: str | Path, on_eval=None) -> dict:
             bundle = with_image_size(bundle, f.image_size, device)
         except ValueError as e:
             raise RecipeError(f"finetune.image_size: {e} ({f.model})") from None
+    if f.layer_decay < 1:
+        trained = [(n, p) for n, p in bundle.model.named_parameters() if f.mode == "flyp" or n.startswith("visual.")]
+        try:
+            layer_ids(trained)
+        except ValueError as e:
+            raise RecipeError(f"finetune.{e} ({f.model})") from None
     pixels = fdata.Pixels(bundle.eval_transform)
     d = load_data(recipe, pixels)
     log.info("finetune %s: %d train, %d val (%s), sets %s", f.mode, len(d["train"]), len(d["val"]), d["val"].source,
@@ -114,7 +121,13 @@ def _finetune(recipe: Recipe, out_dir: str | Path, on_eval=None) -> dict:
     zeroshot_state = {k: v.detach().clone() for k, v in mode.module.state_dict().items()}
     result = _train(mode, bundle.model, d, pixels, f, recipe.seed, device, record, on_eval)
     finetuned_state = {k: v.detach().clone() for k, v in mode.module.state_dict().items()}
-    info = {"recipe": recipe.name, "mode": f.mode, "classnames": d["classnames"], "source": str(f.model)}
+    info = {
+        "recipe": recipe.name,
+        "mode": f.mode,
+        "classnames": d["classnames"],
+        "source": str(f.model),
+        "test_time_flip": f.test_time_flip,
+    }  # how the reported figures were scored
     _save(out / "model", mode.classifier(), bundle.config, {**info, **_jsonable(result)})
 
     t_eval = time.perf_counter()
@@ -183,7 +196,10 @@ def _sweep(mode, zeroshot_state: dict, finetuned_state: dict, sets: dict, pixels
 
     def evaluate(alpha: float) -> dict:
         clf = mode.classifier()
-        logits = {name: predict_logits(clf, s, pixels, f.eval_batch_size, device) for name, s in sets.items()}
+        logits = {
+            name: predict_logits(clf, s, pixels, f.eval_batch_size, device, f.test_time_flip)
+            for name, s in sets.items()
+        }
         preds[alpha] = {name: lg.argmax(dim=1).numpy() for name, lg in logits.items()}
         return {name: scores(lg, sets[name].labels) for name, lg in logits.items()}
 
