@@ -353,6 +353,8 @@ class FinetuneCfg:
             back at a random offset: shifts of up to `crop_pad` px at the model's input size (0 = off).
         image_size: fine-tune (and save) the model at this input size in pixels (0 = the model's own). An open_clip ViT
             image tower only; its position embeddings are interpolated to the new patch grid (clipkit.models.resize).
+        patch_dropout: in "ce" and "flyp", drop this share of each training image's patch tokens (open_clip's
+            PatchDropout, as in FLIP: fewer tokens, cheaper steps); evaluation sees every patch. An open_clip ViT only.
         label_smoothing: in "ce", the cross-entropy target puts this much mass uniformly on all classes (0 = off).
         layer_decay: layer-wise learning-rate decay in "ce" and "flyp" (1 = off): block i of a tower of L blocks trains
             at lr * layer_decay^(L - i), its embeddings at lr * layer_decay^(L + 1), its final norm and projection and
@@ -396,6 +398,7 @@ class FinetuneCfg:
     flip: bool = False
     crop_pad: int = 0
     image_size: int = 0
+    patch_dropout: float = 0.0
     label_smoothing: float = 0.0
     layer_decay: float = 1.0
     ema: float = 0.0
@@ -825,6 +828,9 @@ def validate_finetune(f: FinetuneCfg) -> None:
         need(f.mode != "linear" or not getattr(f, key), key, getattr(f, key),
              "augments the training images of 'ce' and 'flyp'; 'linear' fits frozen features once")  # fmt: skip
     need(f.image_size >= 0, "image_size", f.image_size, "must be >= 0 (0 = the model's own)")
+    need(0 <= f.patch_dropout < 1, "patch_dropout", f.patch_dropout, "must be in [0, 1) (0 = off)")
+    need(f.mode != "linear" or not f.patch_dropout, "patch_dropout", f.patch_dropout,
+         "drops patches in training steps; 'linear' takes none")  # fmt: skip
     need(0 <= f.label_smoothing < 1, "label_smoothing", f.label_smoothing, "must be in [0, 1)")
     need(f.mode == "ce" or not f.label_smoothing, "label_smoothing", f.label_smoothing,
          f"smooths the cross-entropy of 'ce'; finetune.mode={f.mode!r} has none")  # fmt: skip

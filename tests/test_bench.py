@@ -86,6 +86,9 @@ def test_bench_variants_optim_step_and_stages_print_their_figures(photos, tmp_pa
     assert re.search(r"pil: median [\d.]+ samples/s \[[\d.]+\] \(MFU [\d.]+%\); x\d+\.\d+ of fast", out), out
     out = run_tool("bench_optim", "--model-config", str(cfg), "--rounds", "1", "--steps", "1", "--lock", "")
     assert re.search(r"fused: [\d.]+ ms a step", out), out
+    out = run_tool("bench_patch_dropout", "--model-config", str(cfg), "--batch", "4", "--rounds", "1", "--steps", "1",
+                   "--lock", "")  # fmt: skip
+    assert re.search(r"patch_dropout 0.5: [\d.]+ samples/s, [\d.]+x p=0$", out, re.M), out
     out = run_tool("bench_step", "--model-config", str(cfg), "--batch", "4", "--repeats", "1", "--profile", "3",
                    "--lock", "")  # fmt: skip
     assert re.search(r"tiny: [\d.]+ ms a step of 4, [\d.]+ ms a sample, [\d.]+ samples/s, MFU [\d.]+%", out), out

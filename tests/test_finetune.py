@@ -250,19 +250,38 @@ def test_layer_decay_rates_by_hand(mode, tiny_folder):
         assert lrs[id(params[name])] == pytest.approx(lr * lrs[id(params[list(want)[-1]])] / want[list(want)[-1]])
 
 
-def test_layer_decay_refused_without_transformer_blocks(digits_dir, tmp_path):
-    """A ResNet image tower has no numbered blocks: refused before any data is read (the train shards are absent)."""
+@pytest.mark.parametrize(
+    ("key", "value", "message"),
+    [("layer_decay", 0.7, "the visual tower has no numbered transformer blocks"),
+     ("patch_dropout", 0.5, "only an open_clip ViT image tower drops patches")],
+)  # fmt: skip
+def test_vit_only_keys_refused_for_a_resnet(key, value, message, digits_dir, tmp_path):
+    """Refused before any data is read (the train shards do not exist), and refused for `linear` by the recipe."""
     from clipkit.config import RecipeError
 
     cfg = {"embed_dim": 32, "vision_cfg": {"image_size": 32, "layers": [1, 1, 1, 1], "width": 8},
            "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 2}}  # fmt: skip
     bundle = create_model(ModelCfg(config=cfg))
     folder = save_model(tmp_path / "rn", bundle.model, bundle.config)
-    recipe = load_finetune_recipe(_recipe(tmp_path, digits_dir, folder, layer_decay=0.7, train="absent-*.tar"))
-    with pytest.raises(RecipeError, match="finetune.layer_decay: the visual tower has no numbered transformer blocks"):
+    recipe = load_finetune_recipe(_recipe(tmp_path, digits_dir, folder, train="absent-*.tar", **{key: value}))
+    with pytest.raises(RecipeError, match=f"finetune.{key}: {message}"):
         finetune(recipe, tmp_path / "run")
-    with pytest.raises(RecipeError, match="finetune.layer_decay"):
-        load_finetune_recipe(_recipe(tmp_path, digits_dir, folder, mode="linear", layer_decay=0.7))
+    with pytest.raises(RecipeError, match=f"finetune.{key}"):
+        load_finetune_recipe(_recipe(tmp_path, digits_dir, folder, mode="linear", **{key: value}))
+
+
+def test_patch_dropout_drops_tokens_in_training_only(tiny_folder):
+    from clipkit.finetune.run import _set_patch_dropout
+    from clipkit.models import load_model
+
+    model = load_model(tiny_folder).model  # 16 px, patches of 8: 1 + 4 tokens
+    _set_patch_dropout(model, 0.5, str(tiny_folder))
+    seen = []
+    model.visual.transformer.register_forward_pre_hook(lambda m, args: seen.append(args[0].shape[1]))
+    images = torch.randn(3, 3, 16, 16)
+    model.train(), model.encode_image(images)
+    model.eval(), model.encode_image(images)
+    assert seen == [1 + 2, 1 + 4]  # the class token and 2 of 4 patches in training; all in evaluation
 
 
 def test_test_time_flip_averages_mirror_logits(digits_dir, tiny_folder):

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 from open_clip import SIMPLE_IMAGENET_TEMPLATES
+from open_clip.transformer import PatchDropout
 
 from clipkit.config import FinetuneCfg, Recipe, RecipeError, save_recipe, to_dict
 from clipkit.evaluate.classification import write_report
@@ -99,6 +100,8 @@ def _finetune(recipe: Recipe, out_dir: str | Path, on_eval=None) -> dict:
             bundle = with_image_size(bundle, f.image_size, device)
         except ValueError as e:
             raise RecipeError(f"finetune.image_size: {e} ({f.model})") from None
+    if f.patch_dropout:
+        _set_patch_dropout(bundle.model, f.patch_dropout, f.model)
     if f.layer_decay < 1:
         trained = [(n, p) for n, p in bundle.model.named_parameters() if f.mode == "flyp" or n.startswith("visual.")]
         try:
@@ -160,6 +163,14 @@ def _finetune(recipe: Recipe, out_dir: str | Path, on_eval=None) -> dict:
     write_json_atomic(out / "summary.json", summary, sort_keys=False)
     _print_results(out, models, by_alpha, sets, tracker)
     return summary
+
+
+def _set_patch_dropout(model: torch.nn.Module, prob: float, source: str) -> None:
+    """Training drops a `prob` share of each image's patch tokens (open_clip's `PatchDropout`, FLIP); evaluation, in
+    eval mode, sees them all. The saved config is left without it."""
+    if not isinstance(getattr(model.visual, "patch_dropout", None), (torch.nn.Identity, PatchDropout)):
+        raise RecipeError(f"finetune.patch_dropout: only an open_clip ViT image tower drops patches ({source})")
+    model.visual.patch_dropout = PatchDropout(prob)
 
 
 def _make_mode(f: FinetuneCfg, bundle, d: dict, device):
