@@ -356,6 +356,9 @@ class FinetuneCfg:
         patch_dropout: in "ce" and "flyp", drop this share of each training image's patch tokens (open_clip's
             PatchDropout, as in FLIP: fewer tokens, cheaper steps); evaluation sees every patch. An open_clip ViT only.
         label_smoothing: in "ce", the cross-entropy target puts this much mass uniformly on all classes (0 = off).
+        mixup: in "ce", the Beta alpha of batch mixup: each batch is blended with its mirrored order, the loss mixed
+            alike (clipkit.finetune.mix; 0 = off, e.g. 0.2).
+        cutmix: in "ce", the Beta alpha of batch CutMix (0 = off, e.g. 1.0); with both, each batch picks one.
         layer_decay: layer-wise learning-rate decay in "ce" and "flyp" (1 = off): block i of a tower of L blocks trains
             at lr * layer_decay^(L - i), its embeddings at lr * layer_decay^(L + 1), its final norm and projection and
             the head at lr (clipkit.finetune.layer_decay). A transformer tower only.
@@ -400,6 +403,8 @@ class FinetuneCfg:
     image_size: int = 0
     patch_dropout: float = 0.0
     label_smoothing: float = 0.0
+    mixup: float = 0.0
+    cutmix: float = 0.0
     layer_decay: float = 1.0
     ema: float = 0.0
     test_time_flip: bool = False
@@ -834,6 +839,10 @@ def validate_finetune(f: FinetuneCfg) -> None:
     need(0 <= f.label_smoothing < 1, "label_smoothing", f.label_smoothing, "must be in [0, 1)")
     need(f.mode == "ce" or not f.label_smoothing, "label_smoothing", f.label_smoothing,
          f"smooths the cross-entropy of 'ce'; finetune.mode={f.mode!r} has none")  # fmt: skip
+    for key in ("mixup", "cutmix"):
+        need(getattr(f, key) >= 0, key, getattr(f, key), "must be >= 0 (0 = off)")
+        need(f.mode == "ce" or not getattr(f, key), key, getattr(f, key),
+             f"mixes the cross-entropy targets of 'ce'; finetune.mode={f.mode!r} has none")  # fmt: skip
     need(0 < f.layer_decay <= 1, "layer_decay", f.layer_decay, "must be in (0, 1] (1 = off)")
     need(f.mode != "linear" or f.layer_decay == 1, "layer_decay", f.layer_decay,
          "scales the learning rates of 'ce' and 'flyp'; 'linear' takes no gradient steps")  # fmt: skip

@@ -169,7 +169,7 @@ def test_augmentation_refused_for_linear(digits_dir, tiny_folder, tmp_path):
 
 @pytest.mark.parametrize(
     ("mode", "key", "value"), [("flyp", "label_smoothing", 0.1), ("ce", "label_smoothing", 1.0), ("linear", "ema", 0.9),
-                               ("ce", "ema", 1.0)],
+                               ("ce", "ema", 1.0), ("flyp", "mixup", 0.2), ("linear", "cutmix", 1.0)],
 )  # fmt: skip
 def test_smoothing_and_average_refused_where_they_mean_nothing(mode, key, value, digits_dir, tiny_folder, tmp_path):
     with pytest.raises(Exception, match=f"finetune.{key}"):
@@ -203,6 +203,31 @@ def test_label_smoothing_loss_by_hand(tiny_folder):
     # (1 - e) * NLL of the label + e * the mean NLL over all 3 classes, averaged over the batch
     want = (0.8 * -logp[torch.arange(4), labels] + 0.2 * -logp.mean(dim=1)).mean()
     torch.testing.assert_close(mode.loss(images, labels, torch.Generator()), want)
+
+
+@pytest.mark.parametrize(("mixup", "cutmix"), [(0.4, 0.0), (0.0, 1.0)])
+def test_mixed_batch_loss_is_cross_entropy_against_the_mixed_target(mixup, cutmix, tiny_folder):
+    """Reference: torch's cross-entropy with the soft target lam * onehot(y) + (1 - lam) * onehot(y mirrored),
+    smoothed; mixup blends whole images, CutMix copies (1 - lam) of the pixels from the partner."""
+    from clipkit.finetune.mix import mix_batch
+    from clipkit.finetune.modes import CrossEntropyMode
+    from clipkit.models import load_model
+
+    bundle = load_model(tiny_folder)
+    mode = CrossEntropyMode(bundle.model, torch.nn.Linear(bundle.model.visual.output_dim, 3), label_smoothing=0.1,
+                            mixup=mixup, cutmix=cutmix)  # fmt: skip
+    images, labels = torch.randn(4, 3, 16, 16, generator=torch.Generator().manual_seed(0)), torch.tensor([0, 2, 1, 2])
+    mixed, lam = mix_batch(images, mixup, cutmix, torch.Generator().manual_seed(5))
+    assert 0 < lam < 1
+    if cutmix:
+        from_partner = (mixed == images.flip(0)) & (mixed != images)
+        assert from_partner.float().mean().item() == pytest.approx(1 - lam)
+    else:
+        torch.testing.assert_close(mixed, lam * images + (1 - lam) * images.flip(0))
+    onehot = torch.nn.functional.one_hot(labels, 3).float()
+    target = (lam * onehot + (1 - lam) * onehot.flip(0)) * 0.9 + 0.1 / 3
+    want = torch.nn.functional.cross_entropy(mode.module(mixed), target)
+    torch.testing.assert_close(mode.loss(images, labels, torch.Generator().manual_seed(5)), want)
 
 
 @pytest.mark.parametrize("mode", ["ce", "flyp"])

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 from clipkit.evaluate.linear_probe import fit_logistic
 from clipkit.finetune.head import ImageClassifier, zeroshot_head
+from clipkit.finetune.mix import mix_batch
 from clipkit.loss import clip_loss_rows
 
 LOGIT_SCALE_MAX = float(np.log(100.0))  # CLIP's clamp of the learned temperature
@@ -35,20 +36,35 @@ class CrossEntropyMode:
         head: the zero-shot head (`zeroshot_head`).
         train_head: whether the head trains too (False: the saved model folder alone is the classifier).
         label_smoothing: mass of the cross-entropy target spread uniformly over all classes.
+        mixup: Beta alpha of batch mixup (0 = off; `clipkit.finetune.mix`).
+        cutmix: Beta alpha of batch CutMix (0 = off).
     """
 
     trains = True
     tower_prefix = "model."  # where the dual encoder's names start in `module` (layer-wise decay reads them)
 
     def __init__(
-        self, model: torch.nn.Module, head: torch.nn.Linear, train_head: bool = True, label_smoothing: float = 0.0
+        self,
+        model: torch.nn.Module,
+        head: torch.nn.Linear,
+        train_head: bool = True,
+        label_smoothing: float = 0.0,
+        mixup: float = 0.0,
+        cutmix: float = 0.0,
     ):
         self.module, self.label_smoothing = ImageClassifier(model, head), label_smoothing
+        self.mixup, self.cutmix = mixup, cutmix
         for name, p in self.module.named_parameters():
             p.requires_grad_(name.startswith("model.visual.") or (train_head and name.startswith("head.")))
 
     def loss(self, images: torch.Tensor, labels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        return F.cross_entropy(self.module(images), labels, label_smoothing=self.label_smoothing)
+        if not (self.mixup or self.cutmix):
+            return F.cross_entropy(self.module(images), labels, label_smoothing=self.label_smoothing)
+        mixed, lam = mix_batch(images, self.mixup, self.cutmix, generator)
+        logits = self.module(mixed)  # [B, C]
+        own = F.cross_entropy(logits, labels, label_smoothing=self.label_smoothing)
+        partner = F.cross_entropy(logits, labels.flip(0), label_smoothing=self.label_smoothing)
+        return lam * own + (1 - lam) * partner
 
     def after_step(self) -> None:
         pass

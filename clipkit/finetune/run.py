@@ -179,7 +179,7 @@ def _make_mode(f: FinetuneCfg, bundle, d: dict, device):
         return FlypMode(bundle.model, bundle.tokenizer, d["classnames"], d["templates"], device)
     head = zeroshot_head(bundle.model, bundle.tokenizer, d["classnames"], d["templates"], device)
     if f.mode == "ce":
-        return CrossEntropyMode(bundle.model, head, f.train_head, f.label_smoothing)
+        return CrossEntropyMode(bundle.model, head, f.train_head, f.label_smoothing, f.mixup, f.cutmix)
     return LinearMode(bundle.model, head)
 
 
