@@ -12,13 +12,20 @@ import json
 import os
 import sys
 import time
-from pathlib import Path
 
 import torch
 
-from clipkit.models.factory import bundle_from_config
 from clipkit.optim import param_groups
-from tools.bench.common import LOCK_PATH, PRESETS, bench_lock, log, machine, median, write_json
+from tools.bench.common import (
+    add_model_arguments,
+    add_round_arguments,
+    bench_lock,
+    log,
+    machine,
+    median,
+    model_from_args,
+    write_json,
+)
 
 KINDS = {"for-loop (torch CPU default)": {"foreach": False}, "foreach": {"foreach": True}, "fused": {"fused": True}}
 
@@ -40,17 +47,11 @@ def step_time(model: torch.nn.Module, kwargs: dict, steps: int) -> float:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model-config", help="a model config JSON file instead of the preset")
-    p.add_argument("--preset", choices=sorted(PRESETS), default="quickstart")
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--rounds", type=int, default=5)
-    p.add_argument("--steps", type=int, default=5, help="timed steps per implementation and round")
-    p.add_argument("--json")
-    p.add_argument("--lock", default=LOCK_PATH)
+    add_model_arguments(p)
+    add_round_arguments(p, threads=1, rounds=5, steps=5, steps_help="timed steps per implementation and round")
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
-    model_cfg = json.loads(Path(a.model_config).read_text()) if a.model_config else PRESETS[a.preset]()
-    model = bundle_from_config({"model_cfg": model_cfg, "preprocess_cfg": {}}).model
+    model = model_from_args(a)
     n = sum(p.numel() for p in model.parameters())
     info = machine() | {"threads": a.threads}
     log(f"machine: {json.dumps(info)}")

@@ -12,16 +12,14 @@ import json
 import os
 import sys
 import time
-from pathlib import Path
 
 import torch
 from open_clip.transformer import PatchDropout
 
 from clipkit.finetune.head import ImageClassifier
 from clipkit.finetune.modes import CrossEntropyMode
-from clipkit.models.factory import bundle_from_config
 from clipkit.optim import make_optimizer
-from tools.bench.common import LOCK_PATH, PRESETS, bench_lock, log, machine, median, write_json
+from tools.bench import common
 
 
 def samples_per_s(classifier: ImageClassifier, optimizer, images, labels, steps: int) -> float:
@@ -38,41 +36,39 @@ def samples_per_s(classifier: ImageClassifier, optimizer, images, labels, steps:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model-config", help="a model config JSON file instead of the preset")
-    p.add_argument("--preset", choices=sorted(PRESETS), default="quickstart")
+    common.add_model_arguments(p)
     p.add_argument("--shares", type=float, nargs="+", default=[0.0, 0.25, 0.5])
-    p.add_argument("--threads", type=int, default=2)
     p.add_argument("--batch", type=int, default=128)
-    p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--steps", type=int, default=30, help="timed steps per share and round")
-    p.add_argument("--json")
-    p.add_argument("--lock", default=LOCK_PATH)
+    common.add_round_arguments(p, threads=2, rounds=3, steps=30, steps_help="timed steps per share and round")
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
     torch.manual_seed(0)
-    model_cfg = json.loads(Path(a.model_config).read_text()) if a.model_config else PRESETS[a.preset]()
-    model = bundle_from_config({"model_cfg": model_cfg, "preprocess_cfg": {}}).model
+    model = common.model_from_args(a)
     mode = CrossEntropyMode(model, torch.nn.Linear(model.visual.output_dim, 10))
     optimizer = make_optimizer(mode.module, 1e-4, 0.1, (0.9, 0.999), 1e-8)
     size = model.visual.image_size[0]
     images, labels = torch.randn(a.batch, 3, size, size), torch.randint(0, 10, (a.batch,))
-    info = machine() | {"threads": a.threads, "batch": a.batch}
-    log(f"machine: {json.dumps(info)}")
+    info = common.machine() | {"threads": a.threads, "batch": a.batch}
+    common.log(f"machine: {json.dumps(info)}")
     rates: dict[float, list[float]] = {s: [] for s in a.shares}
     mode.module.train()
     for r in range(a.rounds):
-        with bench_lock(a.lock or None):
+        with common.bench_lock(a.lock or None):
             load = os.getloadavg()[0]
             for share in a.shares:
                 model.visual.patch_dropout = PatchDropout(share) if share else torch.nn.Identity()
                 rates[share].append(samples_per_s(mode.module, optimizer, images, labels, a.steps))
         print(f"round {r + 1} (load {load:.2f}): " + ", ".join(f"p={s:g} {v[-1]:.0f}/s" for s, v in rates.items()))
-    anchor = median(rates[a.shares[0]])
+    anchor = common.median(rates[a.shares[0]])
     for share, v in rates.items():
-        print(f"patch_dropout {share:g}: {median(v):.0f} samples/s, {median(v) / anchor:.2f}x p={a.shares[0]:g}")
-    write_json(
-        a.json, {"machine": info, "model_cfg": model_cfg, "samples_per_s": {str(s): v for s, v in rates.items()}}
-    )
+        rate = common.median(v)
+        print(f"patch_dropout {share:g}: {rate:.0f} samples/s, {rate / anchor:.2f}x p={a.shares[0]:g}")
+    figures = {
+        "machine": info,
+        "model_cfg": common.model_config(a),
+        "samples_per_s": {str(s): v for s, v in rates.items()},
+    }
+    common.write_json(a.json, figures)
     return 0
 
 

@@ -36,13 +36,14 @@ import yaml
 from clipkit.data.shards import expand_shards
 from tools.bench.common import (
     LOCK_PATH,
-    PRESETS,
+    add_model_arguments,
     bench_lock,
     default_threads,
     log,
     machine,
     matmul_peak,
     median,
+    model_config,
     thread_env,
     throughput,
     train_flops_per_sample,
@@ -174,8 +175,7 @@ def bench_batch(model_cfg: dict, shards: list[str], a, batch: int, tmp: Path) ->
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", choices=sorted(PRESETS), default="quickstart", help="the model config")
-    p.add_argument("--model-config", help="a model config JSON file instead of the preset")
+    add_model_arguments(p)
     p.add_argument("--data", required=True, help="training shard spec (both frameworks read exactly these)")
     p.add_argument("--batch", default="128", help="per-process batch size; a comma list sweeps")
     p.add_argument("--workers", type=int, default=1)
@@ -198,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(a.threads)  # the peak is measured with the training processes' thread count
     if a.steps < a.skip + 2:
         p.error("--steps must exceed --skip + 1")
-    model_cfg = json.loads(Path(a.model_config).read_text()) if a.model_config else PRESETS[a.preset]()
+    model_cfg = model_config(a)
     shards = [str(Path(s).resolve()) for s in expand_shards(a.data)]
     batches = [int(b) for b in a.batch.split(",")]
     info = machine() | {"threads": a.threads}

@@ -25,13 +25,14 @@ from clipkit.data.shards import expand_shards
 from tools.bench.bench_train import run_one
 from tools.bench.common import (
     LOCK_PATH,
-    PRESETS,
+    add_model_arguments,
     bench_lock,
     default_threads,
     log,
     machine,
     matmul_peak,
     median,
+    model_config,
     train_flops_per_sample,
     write_json,
 )
@@ -48,8 +49,7 @@ def parse_variant(spec: str) -> tuple[str, list[str], str | None]:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--variant", action="append", required=True, help="NAME=overrides or NAME=@code-folder")
-    p.add_argument("--model-config", help="a model config JSON file instead of the preset")
-    p.add_argument("--preset", choices=sorted(PRESETS), default="photo224")
+    add_model_arguments(p, "photo224")
     p.add_argument("--data", required=True)
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--workers", type=int, default=1)
@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     a.threads = a.threads or default_threads(a.workers)
     torch.set_num_threads(a.threads)
     variants = [parse_variant(v) for v in a.variant]
-    model_cfg = json.loads(Path(a.model_config).read_text()) if a.model_config else PRESETS[a.preset]()
+    model_cfg = model_config(a)
     shards = [str(Path(s).resolve()) for s in expand_shards(a.data)]
     info = machine() | {"threads": a.threads}
     log(f"machine: {json.dumps(info)}")

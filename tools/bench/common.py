@@ -94,6 +94,33 @@ PRESETS = {
 }
 
 
+def add_model_arguments(parser, default: str = "quickstart") -> None:
+    """Adds --preset and --model-config (a model config JSON file instead of the preset); see `model_config`."""
+    parser.add_argument("--preset", choices=sorted(PRESETS), default=default, help="the model config")
+    parser.add_argument("--model-config", help="a model config JSON file instead of the preset")
+
+
+def model_config(args) -> dict:
+    """The model config that parsed --model-config or --preset name."""
+    return json.loads(Path(args.model_config).read_text()) if args.model_config else PRESETS[args.preset]()
+
+
+def add_round_arguments(parser, threads: int, rounds: int, steps: int, steps_help: str) -> None:
+    """Adds --threads, --rounds, --steps, --json (where the figures go) and --lock ('' for none)."""
+    parser.add_argument("--threads", type=int, default=threads)
+    parser.add_argument("--rounds", type=int, default=rounds)
+    parser.add_argument("--steps", type=int, default=steps, help=steps_help)
+    parser.add_argument("--json", help="write the figures here")
+    parser.add_argument("--lock", default=LOCK_PATH, help="benchmark lock file ('' for none)")
+
+
+def model_from_args(args) -> torch.nn.Module:
+    """A randomly initialized model of `model_config(args)`, on the CPU."""
+    from clipkit.models.factory import bundle_from_config
+
+    return bundle_from_config({"model_cfg": model_config(args), "preprocess_cfg": {}}).model
+
+
 @contextlib.contextmanager
 def bench_lock(path: str | None = LOCK_PATH) -> Iterator[None]:
     """Holds the machine-wide benchmark lock (flock) for the block; `path=None` takes no lock."""
