@@ -1,7 +1,7 @@
 """Layer-wise learning-rate decay (BEiT, and the CLIP fine-tuning recipes after it): deeper blocks learn faster.
 
-A tower of L blocks gets layer ids 0 (everything before its first block: patch or token embedding, class token,
-position embedding, pre-norm), i + 1 (block i) and L + 1 (everything after its last block: final norm, projection).
+A tower of L blocks gets layer ids 0 (its embeddings: patch or token embedding, class token, position embedding,
+pre-norm), i + 1 (block i) and L + 1 (everything else: final norm, projection, pooling head).
 A parameter with id k trains at `lr * decay ** (L + 1 - k)`: the embedding at decay^(L+1) of the peak, the last block
 at decay, the projection and the classification head at the peak. Each tower counts its own blocks, so in `flyp` the
 text tower's embedding is as slow as the image tower's however deep either is.
@@ -41,7 +41,7 @@ def layer_ids(named: list[tuple[str, torch.nn.Parameter]], prefix: str = "") -> 
     """{name: (layer id, L + 1)} for the trainable parameters of a dual encoder, tower by tower.
 
     Args:
-        named: `model.named_parameters()` as a list (registration order).
+        named: (name, parameter) pairs, e.g. `list(model.named_parameters())`; frozen ones are left out.
         prefix: dropped from each name before the tower is read (e.g. "model." inside `ImageClassifier`); names
             without it get the top id of their own (they are heads).
 
