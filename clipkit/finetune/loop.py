@@ -130,13 +130,7 @@ def fit(
     generator = torch.Generator().manual_seed(seed)
     aug_generator = torch.Generator().manual_seed(seed + 1_000_003)  # flips and shifts: a stream of their own
     module = mode.module
-    groups = (
-        layer_decay_groups(module, cfg.weight_decay, cfg.layer_decay, mode.tower_prefix)
-        if cfg.layer_decay < 1
-        else None
-    )
-    optimizer = make_optimizer(module, cfg.lr, cfg.weight_decay, BETAS, EPS, groups=groups)
-    scheduler = make_scheduler(optimizer, cfg.steps, cfg.warmup, cfg.lr, 0.0)
+    optimizer, scheduler = _optimizer(mode, cfg)
     params = [p for p in module.parameters() if p.requires_grad]
     stopper = EarlyStopping(cfg.monitor, cfg.patience, cfg.min_delta, cfg.early_stop_from)
     average = WeightAverage(params, cfg.ema) if cfg.ema else None
@@ -198,6 +192,15 @@ def fit(
         "stopped_early": stopped,
         "train_seconds": time.perf_counter() - t0,
     }
+
+
+def _optimizer(mode, cfg: FinetuneCfg) -> tuple[torch.optim.AdamW, torch.optim.lr_scheduler.LambdaLR]:
+    """AdamW over the mode's trainable weights (per-layer rates with `cfg.layer_decay` < 1), warmup + cosine to 0."""
+    groups = None
+    if cfg.layer_decay < 1:
+        groups = layer_decay_groups(mode.module, cfg.weight_decay, cfg.layer_decay, mode.tower_prefix)
+    optimizer = make_optimizer(mode.module, cfg.lr, cfg.weight_decay, BETAS, EPS, groups=groups)
+    return optimizer, make_scheduler(optimizer, cfg.steps, cfg.warmup, cfg.lr, 0.0)
 
 
 def _optimizer_step(loss: torch.Tensor, optimizer, scheduler, params: list[torch.nn.Parameter], clip: float) -> None:

@@ -102,10 +102,9 @@ def _finetune(recipe: Recipe, out_dir: str | Path, on_eval=None) -> dict:
             raise RecipeError(f"finetune.image_size: {e} ({f.model})") from None
     if f.patch_dropout:
         _set_patch_dropout(bundle.model, f.patch_dropout, f.model)
-    if f.layer_decay < 1:
-        trained = [(n, p) for n, p in bundle.model.named_parameters() if f.mode == "flyp" or n.startswith("visual.")]
+    if f.layer_decay < 1:  # the image tower trains in both modes; open_clip's and HF's text towers all have blocks
         try:
-            layer_ids(trained)
+            layer_ids([(n, p) for n, p in bundle.model.named_parameters() if n.startswith("visual.")])
         except ValueError as e:
             raise RecipeError(f"finetune.{e} ({f.model})") from None
     pixels = fdata.Pixels(bundle.eval_transform)
