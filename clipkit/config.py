@@ -192,8 +192,8 @@ class TrainCfg:
         betas: AdamW betas.
         eps: AdamW epsilon.
         grad_clip: max global grad norm (0 = off).
-        precision: "fp32", or "bf16" autocast (for GPUs; on a CPU without AMX it is slower than fp32,
-            docs/benchmarks.md).
+        precision: "fp32", or "bf16" autocast: for GPUs and CPUs with AMX (on a CPU, attention then runs on SDPA's
+            math backend: clipkit.precision); on a CPU without AMX it is slower than fp32 (docs/benchmarks.md).
         loss: "clip" (symmetric InfoNCE) or "siglip" (sigmoid).
         local_loss: each process computes its rows against all columns (True), or the full global matrix.
         gather_with_grad: all-gather features with autograd (exact gradients). Only False to reproduce
@@ -376,6 +376,10 @@ class FinetuneCfg:
         wise_alphas: WiSE-FT mixing weights a (theta = (1-a) theta_zeroshot + a theta_finetuned); empty = no sweep.
         linear_c_grid: inverse regularization strengths tried in "linear" mode.
         eval_batch_size: images per forward pass when evaluating.
+        precision: "fp32"; "bf16" autocast for every forward pass, training and evaluation (weights and optimizer
+            state stay fp32); or "auto": bf16 on a GPU with bf16 and on a CPU with AMX, where it is faster (1.66x a
+            quickstart `ce` step on 2 AMX Xeon cores, docs/finetune.md), else fp32 (clipkit.precision). The run's
+            summary.json records the one used.
         log_every: steps between training log lines.
         threads: torch intra-op threads (0: torch's count). On a CPU shared with other jobs use 1: an OpenMP region
             waits for its slowest thread, and a descheduled one stalls every layer (a `ce` step of the quickstart
@@ -416,6 +420,7 @@ class FinetuneCfg:
     wise_alphas: tuple[float, ...] = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
     linear_c_grid: tuple[float, ...] = (0.1, 1.0, 10.0, 100.0, 1000.0)
     eval_batch_size: int = 512
+    precision: Literal["fp32", "bf16", "auto"] = "fp32"
     log_every: int = 20
     threads: int = 0
     wandb: bool = False

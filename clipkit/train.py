@@ -11,6 +11,7 @@ and the end of the run.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import math
@@ -42,6 +43,7 @@ from clipkit.models.weights import refuse_pickled_code
 from clipkit.objectives import build_objectives, heads
 from clipkit.optim import NonFiniteGuard, make_optimizer, make_scheduler
 from clipkit.plots import plot_metrics
+from clipkit.precision import cpu_attention
 from clipkit.resume import check_resume_recipe, check_rng_state, note_resumed_recipe, start_checkpoint, trim_metrics
 from clipkit.step import MicroBatch, Objective, forward_backward
 from clipkit.steplog import DataCounts, StepLogger
@@ -88,7 +90,7 @@ def _train(recipe: Recipe, out_dir: Path, resume: str | None) -> dict:
                 run.loss_fn,
                 backward=acc.backward,
                 no_sync=lambda: acc.no_sync(run.model),
-                autocast=acc.autocast,
+                autocast=run.autocast,
                 objectives=run.objectives,
             )
             done = step + 1
@@ -140,6 +142,17 @@ class Run:
     channels_last: bool
     objectives: list[Objective] = field(default_factory=list)
     heads: list[torch.nn.Module] = field(default_factory=list)
+
+    @contextlib.contextmanager
+    def autocast(self) -> Iterator[None]:
+        """Accelerate's autocast for train.precision; under bf16 on a CPU, attention on the math backend as well
+        (its flash kernel's bf16 backward is slow there: clipkit.precision)."""
+        with self.accelerator.autocast():
+            if self.recipe.train.precision != "bf16":
+                yield
+                return
+            with cpu_attention(self.accelerator.device):
+                yield
 
     def sync_nonfinite(self, step: int) -> int:
         """Reads the non-finite step count (a host sync; stops the run after too many in a row)."""

@@ -76,6 +76,16 @@ def test_bench_train_prints_ratio_and_mfu_and_plots(photos, tmp_path):
         assert Image.open(tmp_path / f"{by}.png").size[0] > 100
 
 
+def test_variant_specs_take_overrides_with_or_without_another_code_copy():
+    from tools.bench.bench_variants import parse_variant
+
+    assert parse_variant("fast=") == ("fast", [], None)
+    assert parse_variant("pil=data.fast_images=false train.steps=3") == (
+        "pil", ["data.fast_images=false", "train.steps=3"], None)  # fmt: skip
+    assert parse_variant("before=@/tmp/base") == ("before", [], "/tmp/base")
+    assert parse_variant("before=@/tmp/base train.precision=bf16") == ("before", ["train.precision=bf16"], "/tmp/base")
+
+
 @pytest.mark.slow  # ~50 s; test_bench_train_prints_ratio_and_mfu_and_plots smokes the bench harness
 def test_bench_variants_optim_step_and_stages_print_their_figures(photos, tmp_path):
     cfg = tmp_path / "tiny.json"
@@ -89,6 +99,9 @@ def test_bench_variants_optim_step_and_stages_print_their_figures(photos, tmp_pa
     out = run_tool("bench_patch_dropout", "--model-config", str(cfg), "--batch", "4", "--rounds", "1", "--steps", "1",
                    "--lock", "")  # fmt: skip
     assert re.search(r"patch_dropout 0.5: [\d.]+ samples/s, [\d.]+x p=0$", out, re.M), out
+    out = run_tool("bench_precision", "--model-config", str(cfg), "--batch", "4", "--rounds", "1", "--steps", "1",
+                   "--lock", "")  # fmt: skip
+    assert re.search(r"^bf16: [\d.]+ samples/s, [\d.]+x fp32$", out, re.M), out
     out = run_tool("bench_step", "--model-config", str(cfg), "--batch", "4", "--repeats", "1", "--profile", "3",
                    "--lock", "")  # fmt: skip
     assert re.search(r"tiny: [\d.]+ ms a step of 4, [\d.]+ ms a sample, [\d.]+ samples/s, MFU [\d.]+%", out), out

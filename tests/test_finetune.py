@@ -176,6 +176,13 @@ def test_smoothing_and_average_refused_where_they_mean_nothing(mode, key, value,
         load_finetune_recipe(_recipe(tmp_path, digits_dir, tiny_folder, mode=mode, **{key: value}))
 
 
+def test_smoothed_loss_curve_by_hand():
+    from clipkit.finetune.plots import smooth
+
+    assert smooth([1.0, 3.0], weight=0.5) == pytest.approx([1.0, (0.25 + 1.5) / 0.75])  # debiased EMA
+    assert smooth([2.0, 2.0, 2.0]) == pytest.approx([2.0, 2.0, 2.0])  # no pull toward 0 at the start
+
+
 def test_weight_average_by_hand():
     from clipkit.finetune.ema import WeightAverage
 
@@ -328,9 +335,10 @@ def test_test_time_flip_averages_mirror_logits(digits_dir, tiny_folder):
 # ---------------------------------------------------------------------------------------- end to end
 
 
-@pytest.mark.parametrize("ema", [0.0, 0.5])
-def test_early_stopping_restores_best_step_bitwise(ema, digits_dir, tiny_folder, tmp_path):
-    """With `ema`, what validation saw at the best step (the moving average) is what is restored."""
+@pytest.mark.parametrize(("ema", "precision"), [(0.0, "fp32"), (0.5, "fp32"), (0.0, "bf16")])
+def test_early_stopping_restores_best_step_bitwise(ema, precision, digits_dir, tiny_folder, tmp_path):
+    """With `ema`, what validation saw at the best step (the moving average) is what is restored; under bf16
+    autocast the weights stay fp32 and are restored the same way."""
     recipe = load_finetune_recipe(
         _recipe(
             tmp_path,
@@ -343,6 +351,7 @@ def test_early_stopping_restores_best_step_bitwise(ema, digits_dir, tiny_folder,
             warmup=1,
             wise_alphas=[],
             ema=ema,
+            precision=precision,
         )  # fmt: skip
     )
     snapshots = {}
@@ -352,7 +361,8 @@ def test_early_stopping_restores_best_step_bitwise(ema, digits_dir, tiny_folder,
     val = {r["step"]: r["val/accuracy"] for r in rows if "val/accuracy" in r}
     best = max(val, key=lambda s: (val[s], -s))  # the first step reaching the best accuracy
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
-    assert summary["best_step"] == best
+    assert summary["best_step"] == best and summary["precision"] == precision
+    assert json.loads((tmp_path / "run" / "model" / "clipkit.json").read_text())["precision"] == precision
     assert summary["stopped_early"] == (summary["steps_run"] < 12)
     assert max(val) > best, "the run went on past its best step (else restoring proves nothing)"
     saved = load_file(str(tmp_path / "run" / "model" / "open_clip_model.safetensors"))

@@ -9,12 +9,14 @@ import sys
 from collections import Counter
 from pathlib import Path
 
+import pytest
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
 
 import finetune_study  # noqa: E402
 
+from clipkit.config import load_finetune_recipe  # noqa: E402
 from clipkit.data.pipeline import read_tar_samples  # noqa: E402
 from clipkit.data.shards import expand_shards  # noqa: E402
 
@@ -38,3 +40,12 @@ def test_shifted_set_keeps_keys_labels_and_captions(digits_dir, tmp_path, monkey
 
     fig = finetune_study.shift_figure(data, "digits", tmp_path / "fig.png", n=4, size=16)
     assert Image.open(fig).size == (64, 32)
+
+
+@pytest.mark.parametrize("dataset", sorted(finetune_study.STUDIES))
+@pytest.mark.parametrize("mode", ["linear", "ce", "flyp"])
+def test_every_mode_of_a_study_is_a_valid_recipe(dataset, mode, tmp_path):
+    """The recipes are tuned for `ce` (flips, mixup); the study turns off what `linear` and `flyp` refuse."""
+    args = finetune_study.parse_args(["--dataset", dataset, "--model", "m", "--data", str(tmp_path)])
+    recipe = load_finetune_recipe(finetune_study.STUDIES[dataset][0], finetune_study.study_overrides(mode, 0, args))
+    assert recipe.finetune.mode == mode and [s.name for s in recipe.finetune.eval_sets] == ["test", "shifted"]

@@ -24,6 +24,7 @@ from clipkit.finetune.ema import WeightAverage
 from clipkit.finetune.head import ImageClassifier
 from clipkit.finetune.layer_decay import layer_decay_groups
 from clipkit.optim import make_optimizer, make_scheduler
+from clipkit.precision import autocast
 
 log = logging.getLogger(__name__)
 
@@ -32,22 +33,29 @@ BETAS, EPS = (0.9, 0.999), 1e-8  # AdamW as in WiSE-FT and FLYP
 
 @torch.inference_mode()
 def predict_logits(
-    classifier: ImageClassifier, data: LabeledImages, pixels: Pixels, batch_size: int, device, flip: bool = False
+    classifier: ImageClassifier,
+    data: LabeledImages,
+    pixels: Pixels,
+    batch_size: int,
+    device,
+    flip: bool = False,
+    precision: str = "fp32",
 ) -> torch.Tensor:
     """[N, C] float32 logits of every image of `data` (eval mode; the previous mode is restored).
 
     With `flip`, each image's logits are the mean of its own and its left-right mirror's (test-time augmentation;
-    twice the forward passes).
+    twice the forward passes). `precision` ("fp32" or "bf16") is the autocast of the forward passes.
     """
     was_training = classifier.training
     classifier.eval()
     out = []
     for i in range(0, len(data), batch_size):
         images = pixels.batch(data.pixels[i : i + batch_size], device)  # [B, 3, S, S]
-        logits = classifier(images)
-        if flip:
-            logits = (logits + classifier(images.flip(-1))) / 2
-        out.append(logits.float().cpu())
+        with autocast(precision, device):
+            logits = classifier(images).float()
+            if flip:
+                logits = (logits + classifier(images.flip(-1)).float()) / 2
+        out.append(logits.cpu())
     classifier.train(was_training)
     return torch.cat(out)
 
@@ -116,7 +124,7 @@ def fit(
         train: the training images.
         val: the validation images.
         pixels: turns stored pixels into model input.
-        cfg: the finetune section.
+        cfg: the finetune section, its `precision` resolved ("fp32" or "bf16": `clipkit.precision.resolve`).
         seed: seeds data order and FLYP's template draws.
         device: where the model lives.
         record: called with every log row ({"step", "loss", "lr", ...} or {"step", "val/accuracy", ...}).
@@ -142,9 +150,10 @@ def fit(
             return validate(step)
 
     def validate(step: int) -> bool:
-        metrics = scores(
-            predict_logits(mode.classifier(), val, pixels, cfg.eval_batch_size, device, cfg.test_time_flip), val.labels
+        logits = predict_logits(
+            mode.classifier(), val, pixels, cfg.eval_batch_size, device, cfg.test_time_flip, cfg.precision
         )
+        metrics = scores(logits, val.labels)
         stop = stopper.update(step, metrics, module)
         record({"step": step, **{f"val/{k}": v for k, v in metrics.items()}, "best_step": stopper.best_step})
         log.info(
@@ -167,7 +176,8 @@ def fit(
             if cfg.flip or cfg.crop_pad:
                 stored = augment(stored, cfg.flip, cfg.crop_pad, aug_generator)
             images, labels = pixels.batch(stored, device), train.labels[rows].to(device)
-            loss = mode.loss(images, labels, generator)
+            with autocast(cfg.precision, device):
+                loss = mode.loss(images, labels, generator)
             _optimizer_step(loss, optimizer, scheduler, params, cfg.grad_clip)
             mode.after_step()
             if average is not None:
@@ -225,10 +235,14 @@ def _log_end(stopped: bool, step: int, stopper: EarlyStopping, cfg: FinetuneCfg)
                  stopper.best_value)  # fmt: skip
 
 
-def features(model: torch.nn.Module, data: LabeledImages, pixels: Pixels, batch_size: int, device) -> np.ndarray:
-    """[N, D] float64 L2-normalized image features (for the linear mode)."""
+def features(
+    model: torch.nn.Module, data: LabeledImages, pixels: Pixels, batch_size: int, device, precision: str = "fp32"
+) -> np.ndarray:
+    """[N, D] float64 L2-normalized image features (for the linear mode), the forward passes under `precision`."""
     out = []
     with torch.inference_mode():
         for i in range(0, len(data), batch_size):
-            out.append(F.normalize(model.encode_image(pixels.batch(data.pixels[i : i + batch_size], device)), dim=-1))
+            with autocast(precision, device):
+                emb = model.encode_image(pixels.batch(data.pixels[i : i + batch_size], device)).float()
+            out.append(F.normalize(emb, dim=-1))
     return torch.cat(out).double().cpu().numpy()

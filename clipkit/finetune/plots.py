@@ -24,6 +24,18 @@ def _save(plt, fig, out_file: Path) -> Path:
     return out_file
 
 
+def smooth(values: list[float], weight: float = 0.9) -> list[float]:
+    """TensorBoard's smoothing: an exponential moving average, debiased so the start is not pulled toward 0.
+
+    One logged loss is one batch (with mixup or CutMix, one random mixing weight), so the raw line swings widely.
+    """
+    out, avg = [], 0.0
+    for i, v in enumerate(values, start=1):
+        avg = weight * avg + (1 - weight) * v
+        out.append(avg / (1 - weight**i))
+    return out
+
+
 def plot_curves(rows: list[dict], best_step: int | None, monitor: str, out_file: Path) -> Path:
     """Training loss and validation accuracy / macro-F1 / loss against steps; the restored step marked."""
     plt = _plt()
@@ -31,8 +43,12 @@ def plot_curves(rows: list[dict], best_step: int | None, monitor: str, out_file:
     val = [r for r in rows if "val/accuracy" in r]
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.3))
     if train:
-        axes[0].plot([r["step"] for r in train], [r["loss"] for r in train], lw=1.2, label="train loss")
-    axes[0].plot([r["step"] for r in val], [r["val/loss"] for r in val], marker="o", ms=3, lw=1, label="val loss")
+        steps, losses = [r["step"] for r in train], [r["loss"] for r in train]
+        axes[0].plot(steps, losses, lw=0.8, alpha=0.35, color="C0", label="train loss")
+        axes[0].plot(steps, smooth(losses), lw=1.5, color="C0", label="train loss, smoothed")
+    axes[0].plot(
+        [r["step"] for r in val], [r["val/loss"] for r in val], marker="o", ms=3, lw=1, color="C1", label="val loss"
+    )
     axes[0].set_title("loss")
     for key in ("accuracy", "macro_f1"):
         axes[1].plot([r["step"] for r in val], [r[f"val/{key}"] for r in val], marker="o", ms=3, lw=1, label=key)

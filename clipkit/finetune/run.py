@@ -15,6 +15,7 @@ Run folder:
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import time
@@ -37,6 +38,7 @@ from clipkit.finetune.wise import best_alpha, interpolate, sweep
 from clipkit.models import load_model
 from clipkit.models.io import save_model
 from clipkit.models.resize import with_image_size
+from clipkit.precision import resolve
 
 log = logging.getLogger(__name__)
 
@@ -87,13 +89,14 @@ def _finetune(recipe: Recipe, out_dir: str | Path, on_eval=None) -> dict:
         on_eval: passed to `clipkit.finetune.loop.fit` (tests use it to snapshot the weights at each validation).
     """
     t_start = time.perf_counter()
-    f: FinetuneCfg = recipe.finetune
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     save_recipe(recipe, out / "recipe.yaml")
     (out / "metrics.jsonl").unlink(missing_ok=True)
     torch.manual_seed(recipe.seed)
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    # From here on `f.precision` is the dtype used ("auto" decided once for this machine).
+    f: FinetuneCfg = dataclasses.replace(recipe.finetune, precision=resolve(recipe.finetune.precision, device))
     bundle = load_model(Path(f.model), device)
     if f.image_size:
         try:
@@ -109,8 +112,8 @@ def _finetune(recipe: Recipe, out_dir: str | Path, on_eval=None) -> dict:
             raise RecipeError(f"finetune.{e} ({f.model})") from None
     pixels = fdata.Pixels(bundle.eval_transform)
     d = load_data(recipe, pixels)
-    log.info("finetune %s: %d train, %d val (%s), sets %s", f.mode, len(d["train"]), len(d["val"]), d["val"].source,
-             {k: len(v) for k, v in d["sets"].items()})  # fmt: skip
+    log.info("finetune %s: %d train, %d val (%s), sets %s, %s", f.mode, len(d["train"]), len(d["val"]),
+             d["val"].source, {k: len(v) for k, v in d["sets"].items()}, f.precision)  # fmt: skip
     tracker = _wandb(recipe, out) if f.wandb else None
 
     def record(row: dict) -> None:
@@ -129,13 +132,15 @@ def _finetune(recipe: Recipe, out_dir: str | Path, on_eval=None) -> dict:
         "classnames": d["classnames"],
         "source": str(f.model),
         "test_time_flip": f.test_time_flip,
+        "precision": f.precision,
     }  # how the reported figures were scored
     _save(out / "model", mode.classifier(), bundle.config, {**info, **_jsonable(result)})
 
     t_eval = time.perf_counter()
     sets = {"val": d["val"], **d["sets"]}
     by_alpha, preds = _sweep(mode, zeroshot_state, finetuned_state, sets, pixels, f, device)
-    summary = {"recipe": to_dict(recipe)["finetune"], "mode": f.mode, "seed": recipe.seed, **_jsonable(result)}
+    summary = {"recipe": to_dict(recipe)["finetune"], "mode": f.mode, "seed": recipe.seed, "precision": f.precision,
+               **_jsonable(result)}  # fmt: skip
     summary["n"] = {"train": len(d["train"]), **{k: len(v) for k, v in sets.items()}}
     models = {"zeroshot": 0.0, "finetuned": 1.0}
     if f.wise_alphas:
@@ -188,7 +193,7 @@ def _train(mode, model, d: dict, pixels: fdata.Pixels, f: FinetuneCfg, seed: int
     if mode.trains:
         return fit(mode, d["train"], d["val"], pixels, f, seed, device, record, on_eval)
     t0 = time.perf_counter()
-    feats = {k: features(model, d[k], pixels, f.eval_batch_size, device) for k in ("train", "val")}
+    feats = {k: features(model, d[k], pixels, f.eval_batch_size, device, f.precision) for k in ("train", "val")}
     tried = mode.fit(feats["train"], d["train"].labels.numpy(), feats["val"], d["val"].labels.numpy(),
                      f.linear_c_grid, seed)  # fmt: skip
     for row in tried:
@@ -207,7 +212,7 @@ def _sweep(mode, zeroshot_state: dict, finetuned_state: dict, sets: dict, pixels
     def evaluate(alpha: float) -> dict:
         clf = mode.classifier()
         logits = {
-            name: predict_logits(clf, s, pixels, f.eval_batch_size, device, f.test_time_flip)
+            name: predict_logits(clf, s, pixels, f.eval_batch_size, device, f.test_time_flip, f.precision)
             for name, s in sets.items()
         }
         preds[alpha] = {name: lg.argmax(dim=1).numpy() for name, lg in logits.items()}

@@ -12,6 +12,7 @@ import json
 import os
 import sys
 import time
+from contextlib import nullcontext
 
 import torch
 from open_clip.transformer import PatchDropout
@@ -22,16 +23,33 @@ from clipkit.optim import make_optimizer
 from tools.bench import common
 
 
-def samples_per_s(classifier: ImageClassifier, optimizer, images, labels, steps: int) -> float:
-    """Samples per second over `steps` training steps, after 3 untimed ones."""
+def samples_per_s(classifier: ImageClassifier, optimizer, images, labels, steps: int, autocast=nullcontext) -> float:
+    """Samples per second over `steps` training steps, after 3 untimed ones; `autocast()` wraps each forward."""
     for i in range(steps + 3):
         if i == 3:
             t0 = time.perf_counter()
-        loss = torch.nn.functional.cross_entropy(classifier(images), labels)
+        with autocast():
+            loss = torch.nn.functional.cross_entropy(classifier(images), labels)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
     return steps * len(labels) / (time.perf_counter() - t0)
+
+
+def ce_step_setup(a: argparse.Namespace, **facts) -> tuple:
+    """The benchmarked `ce` step's pieces from the model and round arguments: (dual encoder, mode in train mode,
+    AdamW, [batch, 3, S, S] random images, [batch] labels, machine facts + `facts`); sets threads and the seed."""
+    torch.set_num_threads(a.threads)
+    torch.manual_seed(0)
+    model = common.model_from_args(a)
+    mode = CrossEntropyMode(model, torch.nn.Linear(model.visual.output_dim, 10))
+    optimizer = make_optimizer(mode.module, 1e-4, 0.1, (0.9, 0.999), 1e-8)
+    size = model.visual.image_size[0]
+    images, labels = torch.randn(a.batch, 3, size, size), torch.randint(0, 10, (a.batch,))
+    info = common.machine() | {"threads": a.threads, "batch": a.batch, **facts}
+    common.log(f"machine: {json.dumps(info)}")
+    mode.module.train()
+    return model, mode, optimizer, images, labels, info
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -41,17 +59,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch", type=int, default=128)
     common.add_round_arguments(p, threads=2, rounds=3, steps=30, steps_help="timed steps per share and round")
     a = p.parse_args(argv)
-    torch.set_num_threads(a.threads)
-    torch.manual_seed(0)
-    model = common.model_from_args(a)
-    mode = CrossEntropyMode(model, torch.nn.Linear(model.visual.output_dim, 10))
-    optimizer = make_optimizer(mode.module, 1e-4, 0.1, (0.9, 0.999), 1e-8)
-    size = model.visual.image_size[0]
-    images, labels = torch.randn(a.batch, 3, size, size), torch.randint(0, 10, (a.batch,))
-    info = common.machine() | {"threads": a.threads, "batch": a.batch}
-    common.log(f"machine: {json.dumps(info)}")
+    model, mode, optimizer, images, labels, info = ce_step_setup(a)
     rates: dict[float, list[float]] = {s: [] for s in a.shares}
-    mode.module.train()
     for r in range(a.rounds):
         with common.bench_lock(a.lock or None):
             load = os.getloadavg()[0]

@@ -8,6 +8,8 @@ Settings (model, shards, batch, workers, threads, steps, skipped steps) are benc
         --batch 64 --rounds 3 --variant fast= --variant pil=data.fast_images=false
     # an earlier version of the package: NAME=@FOLDER (a folder that holds clipkit/, e.g. from `git archive`)
     python -m tools.bench.bench_variants ... --variant now= --variant before=@/tmp/clipkit-base
+    python -m tools.bench.bench_variants ... --variant now=train.precision=bf16 \\
+        --variant before='@/tmp/clipkit-base train.precision=bf16'
 """
 
 from __future__ import annotations
@@ -39,16 +41,18 @@ from tools.bench.common import (
 
 
 def parse_variant(spec: str) -> tuple[str, list[str], str | None]:
-    """NAME=k=v k=v (recipe overrides) or NAME=@FOLDER (another copy of the code) -> (name, overrides, code)."""
+    """NAME=k=v k=v (recipe overrides) or NAME=@FOLDER [k=v ...] (another copy of the code, with overrides)
+    -> (name, overrides, code)."""
     name, _, rest = spec.partition("=")
     if rest.startswith("@"):
-        return name, [], rest[1:]
+        code, *overrides = rest[1:].split()
+        return name, overrides, code
     return name, rest.split(), None
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--variant", action="append", required=True, help="NAME=overrides or NAME=@code-folder")
+    p.add_argument("--variant", action="append", required=True, help="NAME=overrides or NAME=@code-folder [overrides]")
     add_model_arguments(p, "photo224")
     p.add_argument("--data", required=True)
     p.add_argument("--batch", type=int, default=64)
