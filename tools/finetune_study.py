@@ -29,7 +29,7 @@ from PIL import Image, ImageFilter, ImageOps
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from clipkit.config import load_finetune_recipe  # noqa: E402
+from clipkit.config import FinetuneCfg, load_finetune_recipe  # noqa: E402
 from clipkit.data.pipeline import read_tar_samples  # noqa: E402
 from clipkit.data.shards import encode_png, expand_shards, write_shards  # noqa: E402
 from clipkit.files import write_json_atomic, write_text_atomic  # noqa: E402
@@ -96,11 +96,11 @@ def shift_figure(data: Path, dataset: str, out: Path, n: int = 8, size: int = 64
     return out
 
 
-# The recipe keys each mode refuses (clipkit.config.validate_finetune), set to "off" for that mode so that one recipe
-# (tuned for `ce`) drives every mode of the study.
+# The recipe keys each mode refuses (clipkit.config.validate_finetune), set back to their defaults (off) for that mode
+# so that one recipe (tuned for `ce`) drives every mode of the study.
 OFF_FOR_MODE = {
-    "linear": "flip=false crop_pad=0 patch_dropout=0 label_smoothing=0 mixup=0 cutmix=0 layer_decay=1 ema=0".split(),
-    "flyp": "label_smoothing=0 mixup=0 cutmix=0".split(),
+    "linear": ["flip", "crop_pad", "patch_dropout", "label_smoothing", "mixup", "cutmix", "layer_decay", "ema"],
+    "flyp": ["label_smoothing", "mixup", "cutmix"],
     "ce": [],
 }
 
@@ -108,7 +108,7 @@ OFF_FOR_MODE = {
 def study_overrides(mode: str, seed: int, args: argparse.Namespace) -> list[str]:
     """The recipe overrides of one run: data, seed, mode (and the keys it refuses turned off), model, eval sets."""
     return [f"data_root={args.data}", f"seed={seed}", f"finetune.mode={mode}", f"finetune.model={args.model}",
-            *(f"finetune.{kv}" for kv in OFF_FOR_MODE[mode]),
+            *(f"finetune.{k}={getattr(FinetuneCfg, k)}" for k in OFF_FOR_MODE[mode]),
             f"finetune.eval_sets=[{{name: test, shards: {args.dataset}/test-*.tar}}, "
             f"{{name: shifted, shards: {args.dataset}-shifted/test-*.tar}}]", *args.set]  # fmt: skip
 
